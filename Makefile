@@ -1,0 +1,57 @@
+# Standalone use: `make demo`, `make test`, `make bench`. Each sets up what is missing first.
+PYTHON_BOOT ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := PIP_CONFIG_FILE=/dev/null $(VENV)/bin/pip
+TORCH_PINS := torch==2.15.0 torchvision==0.29.2
+COMFYUI_TAG := v0.3.64
+COMFYUI_REPO := https://github.com/comfyanonymous/ComfyUI.git
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup test test-fast test-compat demo bench clean
+
+setup: $(STAMP) .comfyui_path
+
+# The host: $COMFYUI_PATH, else $HOME/ComfyUI, else a clone of the pinned tag under .host/.
+.comfyui_path: FORCE
+	@host="$${COMFYUI_PATH:-}"; \
+	if [ -z "$$host" ] && [ -f "$$HOME/ComfyUI/main.py" ]; then host="$$HOME/ComfyUI"; fi; \
+	if [ -z "$$host" ]; then \
+	  host="$(CURDIR)/.host/ComfyUI"; \
+	  if [ ! -f "$$host/main.py" ]; then \
+	    echo "ComfyUI not found: cloning $(COMFYUI_TAG) into $$host"; \
+	    git clone --depth 1 --branch $(COMFYUI_TAG) $(COMFYUI_REPO) "$$host" || exit 1; \
+	  fi; \
+	fi; \
+	if [ ! -f "$$host/main.py" ]; then echo "error: no ComfyUI at $$host (main.py missing)"; exit 1; fi; \
+	echo "$$host" > .comfyui_path.new; \
+	if ! cmp -s .comfyui_path.new .comfyui_path; then mv .comfyui_path.new .comfyui_path; else rm .comfyui_path.new; fi; \
+	echo "ComfyUI host: $$host"
+
+$(STAMP): requirements.txt requirements-dev.txt .comfyui_path
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_PINS)
+	grep -v -E '^(torch|torchvision|torchaudio)\s*$$' "$$(cat .comfyui_path)/requirements.txt" > $(VENV)/host-requirements.txt
+	$(PIP) install -r $(VENV)/host-requirements.txt -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+FORCE:
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests/unit
+
+# The second compatibility target (ComfyUI v0.8): COMFYUI_PATH=... make test-compat
+test-compat: setup
+	$(PY) -m pytest -q tests/integration
+
+demo: setup
+	$(PY) -m benchmarks.demo
+
+bench: setup
+	$(PY) -m benchmarks.frontier
+
+clean:
+	rm -rf out .pytest_cache
