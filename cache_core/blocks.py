@@ -1,0 +1,101 @@
+"""Block sites: drive one model call through its blocks, computing or filling cached segments.
+
+Architecture-neutral: a block is called with an `args` dict whose hidden-state entries are named by
+`streams` (e.g. Flux double blocks ("img", "txt"), Wan blocks ("img",)), and `run_block(args)`
+returns a dict with the same stream entries. A filled segment returns input + forecast residual at
+its first block and passes its input through the rest, so skipped blocks cost nothing.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .engine import CacheRun
+from .policies import INPUT, MODULATED_INPUT, PROBE_RESIDUAL
+from .sites import CACHED, CORRECTOR, PROBE, BlockPlan
+from .trace import COMPUTED
+
+ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]
+
+
+class _Call:
+    """What one model call has seen so far (blocks run sequentially within a call)."""
+
+    def __init__(self):
+        self.compute = True
+        self.modulated: Optional[torch.Tensor] = None
+        self.decision_input: Optional[torch.Tensor] = None
+        self.probe_kind: Optional[str] = None
+        self.probe_base: Optional[torch.Tensor] = None
+        self.probe_out: Optional[torch.Tensor] = None
+        self.segment_inputs: dict = {}
+
+
+class BlockRunner:
+    def __init__(self, run: CacheRun, plan: BlockPlan, streams: dict, modulated_input: Optional[ModulatedInput] = None):
+        self.run = run
+        self.plan = plan
+        self.streams = streams
+        self.modulated_input = modulated_input
+        self.segment_keys = [(seg.key, s) for seg in plan.segments for s in streams[seg.kind]]
+        self.call = _Call()
+
+    def __call__(self, kind: str, index: int, args: dict, run_block: Callable[[dict], dict],
+                 uuids: list, sigma: float) -> dict:
+        role, g, segment_number = self.plan.role(kind, index)
+        streams = self.streams[kind]
+        if g == 0:
+            self.run.begin_call(uuids, sigma, args[streams[0]])
+            self.call = _Call()
+            if self.run.config.policy.indicator == MODULATED_INPUT:
+                self.call.modulated = self._modulated(kind, index, args, streams)
+        if role == PROBE:
+            return self._probe(kind, g, args, run_block, streams)
+        if role == CORRECTOR:
+            self.run.mark(g, COMPUTED)
+            return run_block(args)
+        return self._cached(kind, index, g, segment_number, args, run_block, streams)
+
+    def _modulated(self, kind, index, args, streams):
+        value = self.modulated_input(kind, index, args) if self.modulated_input else None
+        return value if value is not None else args[streams[0]]  # no modulation known: the raw input
+
+    def _probe(self, kind, g, args, run_block, streams):
+        if self.call.probe_kind != kind:
+            self.call.probe_kind, self.call.probe_base = kind, args[streams[0]]
+        out = run_block(args)
+        self.call.probe_out = out[streams[0]]
+        self.run.mark(g, COMPUTED)
+        return out
+
+    def _indicator(self, kind_of_indicator: str) -> Optional[torch.Tensor]:
+        source = {
+            MODULATED_INPUT: self.call.modulated,
+            PROBE_RESIDUAL: None if self.call.probe_out is None else self.call.probe_out - self.call.probe_base,
+            INPUT: self.call.decision_input,
+        }[kind_of_indicator]
+        return None if source is None else self.run.reference_chunk(source)
+
+    def _cached(self, kind, index, g, segment_number, args, run_block, streams):
+        segment = self.plan.segments[segment_number]
+        if g == self.plan.decision_block:
+            self.call.decision_input = args[streams[0]]
+            self.call.compute = self.run.decide(self.segment_keys, self._indicator)
+        if not self.call.compute:
+            self.run.mark(g, self.run.fill_action)
+            if index != segment.first:
+                return {s: args[s] for s in streams}
+            return {s: args[s] + self.run.fill((segment.key, s), args[s]) for s in streams}
+        if index == segment.first:
+            self.call.segment_inputs = {s: args[s] for s in streams}
+        out = run_block(args)
+        self.run.mark(g, COMPUTED)
+        if index == segment.last:
+            for s in streams:
+                self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s])
+            if segment_number == 0:
+                reference = self.run.reference_chunk(out[streams[0]])
+                if reference is not None:
+                    self.run.computed(reference)
+        return out

@@ -1,0 +1,200 @@
+"""The per-run engine: one CacheRun per sampling run, shared by every model call of that run.
+
+Decisions are taken once per model evaluation from one reference conditioning (the first uuid of
+the run), so cond and uncond batched together or run in separate calls take the same decisions.
+Caches are kept per conditioning uuid and per key (a block segment or the whole model).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .forecasters import ForecasterConfig, TaylorForecaster
+from .policies import NO_INDICATOR, PROBE_RESIDUAL, FixedInterval, Policy
+from .sites import Site
+from .tokens import TokenConfig
+from .trace import COMPUTED, FORECAST, REUSED, Trace
+
+log = logging.getLogger("FeatureCache")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    policy: Policy = field(default_factory=FixedInterval)
+    forecaster: ForecasterConfig = field(default_factory=ForecasterConfig)
+    site: Site = field(default_factory=Site)
+    tokens: Optional[TokenConfig] = None
+    offload_to_cpu: bool = False
+    memory_budget_mb: float = 0.0  # 0: unlimited
+
+    def __post_init__(self):
+        if self.policy.indicator == PROBE_RESIDUAL and self.site.probe_blocks < 1:
+            raise ValueError(
+                f"the '{self.policy.method}' policy reads the residual of probe blocks: use the 'span' or 'blocks' "
+                "site with probe_blocks >= 1")
+        if self.memory_budget_mb < 0:
+            raise ValueError("memory_budget_mb must be >= 0 (0 means unlimited)")
+        if self.tokens is not None and not self.site.uses_blocks:
+            raise ValueError("token-level recompute needs a block site ('span' or 'blocks'), not 'model'")
+
+    def describe(self) -> dict:
+        return {
+            "method": self.policy.method,
+            "threshold": self.policy.effective_threshold,
+            "forecaster": self.forecaster.label,
+            "site": self.site.kind,
+            "probe_blocks": self.site.probe_blocks,
+            "corrector_blocks": self.site.corrector_blocks,
+        }
+
+
+def chunk(tensor: torch.Tensor, n: int, i: int) -> torch.Tensor:
+    """The i-th of n equal batch chunks (one per conditioning uuid)."""
+    size = tensor.shape[0] // n
+    return tensor[i * size:(i + 1) * size]
+
+
+class CacheRun:
+    def __init__(self, config: CacheConfig, rows: list[str], schedule: list[float],
+                 active_range: tuple[float, float] = (float("inf"), 0.0)):
+        self.config = config
+        self.schedule = [float(s) for s in schedule]
+        self.active_high, self.active_low = active_range
+        self.trace = Trace(rows)
+        self.notes: list[str] = []
+        self.peak_bytes = 0
+        self.over_budget = False
+        self._reset_state()
+
+    def _reset_state(self):
+        self.policy_state = self.config.policy.new_state()
+        self.forecasters: dict = {}
+        self.cache_bytes = 0
+        self.ref_uuid = None
+        self.signature = None
+        self.decision: Optional[bool] = None
+        self.indicator = None
+        self.consecutive_fills = 0
+        self.uuids: list = []
+
+    # -- calls and evaluations -------------------------------------------------------------
+    def begin_call(self, uuids: list, sigma: float, sample: torch.Tensor) -> None:
+        """Start of one model call; detects a new evaluation and shape/dtype/device changes."""
+        signature = (tuple(chunk(sample, len(uuids), 0).shape), sample.dtype, sample.device)
+        if self.signature is not None and signature != self.signature:
+            self._note(f"input changed from {self.signature} to {signature}: caches reset")
+            self._reset_state()
+        self.signature = signature
+        if self.ref_uuid is None:
+            self.ref_uuid = uuids[0]
+        current = self.trace.evaluations[-1] if self.trace.evaluations else None
+        ref_decided_again = self.ref_uuid in uuids and self.decision is not None
+        if current is None or sigma != current.sigma or ref_decided_again:
+            self.trace.begin(sigma, self._step_of(sigma))
+            self.decision = None
+        self.uuids = list(uuids)
+
+    @property
+    def sigma(self) -> float:
+        return self.trace.evaluations[-1].sigma
+
+    def _step_of(self, sigma: float) -> int:
+        steps = self.schedule[:-1] or [sigma]
+        return min(range(len(steps)), key=lambda i: abs(steps[i] - sigma))
+
+    def _forced(self) -> bool:
+        ev = self.trace.evaluations[-1]
+        policy = self.config.policy
+        return (self.over_budget
+                or ev.index < policy.warmup_steps
+                or not (self.active_high >= ev.sigma > self.active_low)
+                or (policy.max_consecutive > 0 and self.consecutive_fills >= policy.max_consecutive))
+
+    def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]]) -> bool:
+        """True to compute. `keys` are the cached values a fill would need for every uuid of the call."""
+        if self.decision is None and self.ref_uuid in self.uuids:
+            kind = self.config.policy.indicator
+            self.indicator = None if kind == NO_INDICATOR else indicator(kind)
+            forced = self._forced() or not self._has_caches(keys, [self.ref_uuid])
+            compute, value = self.policy_state.decide(self.indicator, forced)
+            self.decision = compute
+            ev = self.trace.evaluations[-1]
+            ev.indicator = value
+            ev.decision = COMPUTED if compute else self.fill_action
+            self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
+        if self.decision is None:  # the reference conditioning has not been seen in this evaluation
+            return True
+        return self.decision or not self._has_caches(keys, self.uuids)
+
+    def computed(self, output_ref: torch.Tensor) -> None:
+        """Feed the policy the reference chunk's output of a computed evaluation."""
+        if self.ref_uuid in self.uuids and self.decision:
+            self.policy_state.computed(self.indicator, output_ref)
+
+    @property
+    def fill_action(self) -> str:
+        return REUSED if self.config.forecaster.order == 0 else FORECAST
+
+    def mark(self, row: int, action: str) -> None:
+        self.trace.mark(row, action)
+
+    # -- caches --------------------------------------------------------------------------
+    def _has_caches(self, keys, uuids) -> bool:
+        return all((k, u) in self.forecasters for k in keys for u in uuids)
+
+    def store(self, key, values: torch.Tensor) -> None:
+        """Record a computed value (batched over the call's uuids) at the current sigma."""
+        if self.over_budget:
+            return
+        n = len(self.uuids)
+        for i, uuid in enumerate(self.uuids):
+            forecaster = self.forecasters.get((key, uuid))
+            if forecaster is None:
+                store_device = torch.device("cpu") if self.config.offload_to_cpu else None
+                forecaster = TaylorForecaster(self.config.forecaster.order, store_device)
+                self.forecasters[(key, uuid)] = forecaster
+            before = forecaster.nbytes
+            forecaster.update(self.sigma, chunk(values, n, i))
+            self.cache_bytes += forecaster.nbytes - before
+        self.peak_bytes = max(self.peak_bytes, self.cache_bytes)
+        budget = self.config.memory_budget_mb * 2**20
+        if budget and self.cache_bytes > budget:
+            self._note(f"cache memory {self.cache_bytes / 2**20:.1f} MiB exceeded the budget of "
+                       f"{self.config.memory_budget_mb} MiB: caching stopped for the rest of this run")
+            self.over_budget = True
+            self.forecasters.clear()
+            self.cache_bytes = 0
+
+    def fill(self, key, like: torch.Tensor) -> torch.Tensor:
+        """The forecast value of `key` at the current sigma for every uuid of the call, batched like `like`."""
+        parts = [self.forecasters[(key, u)].predict(self.sigma, like.device) for u in self.uuids]
+        return torch.cat(parts, dim=0)
+
+    def reference_chunk(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.ref_uuid not in self.uuids:
+            return None
+        return chunk(tensor, len(self.uuids), self.uuids.index(self.ref_uuid))
+
+    # -- report --------------------------------------------------------------------------
+    def _note(self, message: str) -> None:
+        log.warning("FeatureCache: %s", message)
+        self.notes.append(message)
+
+    def report(self) -> dict:
+        fraction = self.trace.compute_fraction()
+        decisions = [ev.decision for ev in self.trace.evaluations]
+        return {
+            **self.config.describe(),
+            "evaluations": len(decisions),
+            "evaluations_computed": sum(d == COMPUTED for d in decisions),
+            "evaluations_filled": sum(d != COMPUTED for d in decisions),
+            "cells": self.trace.counts(),
+            "compute_fraction": fraction,
+            "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
+            "peak_cache_bytes": self.peak_bytes,
+            "notes": list(self.notes),
+            "trace": self.trace.to_dict(),
+        }

@@ -1,0 +1,168 @@
+"""Hooks the engine into ComfyUI through ModelPatcher wrappers and block replace patches only.
+
+Nothing of the model is modified: `install` returns a clone carrying an OUTER_SAMPLE wrapper that
+creates a fresh CacheRun per sampling run (dropped in `finally`), plus either an APPLY_MODEL
+wrapper (whole-model site) or `patches_replace["dit"]` entries (block sites).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import comfy.model_patcher
+import comfy.patcher_extension
+
+from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED
+from .adapters import Adapter, adapter_for
+
+WRAPPER_KEY = "feature_cache"
+SETUP_KEY = "feature_cache_setup"
+RUN_KEY = "feature_cache_run"
+log = logging.getLogger("FeatureCache")
+
+
+class CacheHandle:
+    """Where finished runs publish their reports; shared by every clone of the patched model."""
+
+    def __init__(self, node_id: Optional[str] = None):
+        self.node_id = node_id
+        self.reports: list[dict] = []
+
+    def __deepcopy__(self, memo):
+        return self  # ModelPatcher.clone() deep-copies model_options; reports must reach the one handle
+
+    def publish(self, report: dict) -> None:
+        self.reports.append(report)
+
+    @property
+    def last(self) -> Optional[dict]:
+        return self.reports[-1] if self.reports else None
+
+
+@dataclass(frozen=True)
+class CacheSetup:
+    config: CacheConfig
+    adapter: Optional[Adapter]
+    layout: tuple
+    handle: CacheHandle
+
+    @property
+    def rows(self) -> list[str]:
+        return self.config.site.rows(list(self.layout))
+
+
+def install(model, config: CacheConfig, handle: CacheHandle):
+    """Return a clone of `model` (a ModelPatcher) that samples with feature caching."""
+    adapter, layout = None, ()
+    if config.site.uses_blocks:
+        adapter = adapter_for(model.model.diffusion_model)
+        layout = tuple(adapter.layout(model.model.diffusion_model))
+        config.site.validate(list(layout))
+    if config.tokens is not None:
+        raise NotImplementedError(
+            "token-level partial recompute (Cache Token Ratio) is not available in this version yet; "
+            "disconnect the tokens input")
+    model = model.clone()
+    model.model_options["transformer_options"][SETUP_KEY] = CacheSetup(config, adapter, layout, handle)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
+    if adapter is None:
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model)
+    else:
+        existing = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+        for kind, count in layout:
+            for i in range(count):
+                model.set_model_patch_replace(BlockPatch(kind, i, existing.get((kind, i))), "dit", kind, i)
+    return model
+
+
+def _outer_sample(executor, *args, **kwargs):
+    """Fresh per-run state for every sampling run, dropped (and reported) in `finally`."""
+    guider = executor.class_obj
+    original_options = guider.model_options
+    setup: CacheSetup = original_options["transformer_options"][SETUP_KEY]
+    sigmas = args[3]
+    policy = setup.config.policy
+    sampling = guider.model_patcher.model.model_sampling
+    active = (sampling.percent_to_sigma(policy.start_percent), sampling.percent_to_sigma(policy.end_percent))
+    run = CacheRun(setup.config, setup.rows, sigmas.tolist(), active)
+    options = comfy.model_patcher.create_model_options_clone(original_options)
+    options["transformer_options"][RUN_KEY] = _RunContext(run, setup, guider.model_patcher.model.diffusion_model)
+    guider.model_options = options
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original_options
+        report = run.report()
+        setup.handle.publish(report)
+        log.info("FeatureCache %s: computed %d/%d evaluations, compute fraction %.3f (ideal speedup %.2fx), "
+                 "peak cache %.1f MiB", report["method"], report["evaluations_computed"], report["evaluations"],
+                 report["compute_fraction"], report["ideal_speedup"], report["peak_cache_bytes"] / 2**20)
+
+
+class _RunContext:
+    """The per-run objects reachable from transformer_options during one sampling run."""
+
+    def __init__(self, run: CacheRun, setup: CacheSetup, diffusion_model):
+        self.run = run
+        self.setup = setup
+        self.diffusion_model = diffusion_model
+        self.blocks = None
+        if setup.adapter is not None:
+            adapter = setup.adapter
+            self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
+                                      self._modulated_input if adapter.modulated_input else None)
+
+    def _modulated_input(self, kind, index, args):
+        block = self.setup.adapter.block(self.diffusion_model, kind, index)
+        return self.setup.adapter.modulated_input(block, args)
+
+    def __deepcopy__(self, memo):
+        return self  # one run, one state, even if an extension deep-copies transformer_options
+
+
+def _current_sigma(transformer_options) -> float:
+    return float(transformer_options["sigmas"].flatten()[0])
+
+
+def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    """Whole-model site: caches the sampler's derivative eps = (x - denoised) / sigma, any architecture."""
+    context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
+    if context is None or bool((t == 0).any()):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    run = context.run
+    run.begin_call(transformer_options["uuids"], float(t.flatten()[0]), x)
+    scale = t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    if run.decide(["model"], lambda _kind: run.reference_chunk(x)):
+        denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        eps = (x - denoised) / scale
+        run.store("model", eps)
+        reference = run.reference_chunk(eps)
+        if reference is not None:
+            run.computed(reference)
+        run.mark(0, COMPUTED)
+        return denoised
+    run.mark(0, run.fill_action)
+    return x - scale * run.fill("model", x)
+
+
+class BlockPatch:
+    """patches_replace["dit"] entry for one block; chains to a replace patch that was there before."""
+
+    def __init__(self, kind: str, index: int, inner=None):
+        self.kind = kind
+        self.index = index
+        self.inner = inner
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        original = extra["original_block"]
+        run_block = original if self.inner is None else (lambda a: self.inner(a, {"original_block": original}))
+        transformer_options = args.get("transformer_options") or {}
+        context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
+        if context is None or context.blocks is None:
+            return run_block(args)
+        return context.blocks(self.kind, self.index, args, run_block, transformer_options["uuids"],
+                              _current_sigma(transformer_options))
+

@@ -1,0 +1,195 @@
+"""The engine and block runner on a plain-torch stand-in for a two-kind DiT (like Flux: double then single)."""
+import pytest
+import torch
+
+from cache_core import (BlockRunner, CacheConfig, CacheRun, FirstBlock, FixedInterval, ForecasterConfig, Site,
+                        TeaCache, TokenConfig, COMPUTED, REUSED, FORECAST)
+
+LAYOUT = [("double", 2), ("single", 3)]
+STREAMS = {"double": ("img", "txt"), "single": ("img",)}
+
+
+class TinyDiT:
+    """Blocks h -> h + sigma * tanh(W h); 'single' blocks see cat(txt, img) as Flux does."""
+
+    def __init__(self, dim=8, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.weights = {(k, i): torch.randn(dim, dim, generator=g) / dim ** 0.5 for k, n in LAYOUT for i in range(n)}
+        self.calls = 0
+
+    def _block(self, kind, i, sigma):
+        def run(args):
+            self.calls += 1
+            return {s: args[s] + sigma * torch.tanh(args[s] @ self.weights[(kind, i)]) for s in STREAMS[kind]}
+        return run
+
+    def __call__(self, img, txt, sigma, uuids, hook=None):
+        def through(kind, i, args):
+            run = self._block(kind, i, sigma)
+            return hook(kind, i, args, run, uuids, sigma) if hook else run(args)
+        for i in range(2):
+            out = through("double", i, {"img": img, "txt": txt})
+            img, txt = out["img"], out["txt"]
+        h = torch.cat([txt, img], dim=1)
+        for i in range(3):
+            h = through("single", i, {"img": h})["img"]
+        return h[:, txt.shape[1]:]
+
+
+SIGMAS = [1.0, 0.8, 0.62, 0.45, 0.3, 0.18, 0.08]
+
+
+def _inputs(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 6, 8, generator=g), torch.randn(batch, 3, 8, generator=g)
+
+
+def sample(config, uuids=("c", "u"), separate=False, model=None):
+    """A toy sampler: each evaluation feeds a slightly moved input; returns outputs and the run."""
+    model = model or TinyDiT()
+    run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
+    runner = BlockRunner(run, config.site.plan(LAYOUT), STREAMS)
+    img, txt = _inputs(len(uuids))
+    outs = []
+    for sigma in SIGMAS[:-1]:
+        if separate:
+            parts = [model(img[i:i + 1], txt[i:i + 1], sigma, [u], runner) for i, u in enumerate(uuids)]
+            out = torch.cat(parts)
+        else:
+            out = model(img, txt, sigma, list(uuids), runner)
+        outs.append(out)
+        img = img + 0.05 * out
+    return outs, run, model
+
+
+def test_speed_zero_is_bit_identical_to_no_runner():
+    outs, _, _ = sample(CacheConfig(policy=TeaCache(speed=0.0), site=Site("span")))
+    model = TinyDiT()
+    img, txt = _inputs()
+    for sigma, out in zip(SIGMAS[:-1], outs):
+        ref = model(img, txt, sigma, ["c", "u"])
+        assert torch.equal(out, ref)
+        img = img + 0.05 * ref
+
+
+def test_fixed_interval_computes_exactly_the_traced_evaluations_and_skips_block_calls():
+    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span", probe_blocks=1))
+    _, run, model = sample(config)
+    assert run.trace.computed_evaluations() == [0, 2, 4]
+    filled = len(SIGMAS) - 1 - 3
+    assert model.calls == (len(SIGMAS) - 1) * 5 - filled * 4  # 4 cached blocks skipped per filled evaluation
+    ev = run.trace.evaluations[1]
+    assert ev.actions == [COMPUTED, REUSED, REUSED, REUSED, REUSED]
+    assert run.report()["compute_fraction"] == pytest.approx((3 * 5 + 3 * 1) / 30)
+
+
+def test_filled_span_adds_the_cached_residual_to_its_input():
+    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span", corrector_blocks=3))
+    model = TinyDiT()
+    run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
+    runner = BlockRunner(run, config.site.plan(LAYOUT), STREAMS)
+    img, txt = _inputs()
+    plain_first = model(img, txt, 1.0, ["c", "u"])  # residual of the double span at sigma 1.0
+    model(img, txt, 1.0, ["c", "u"], runner)
+    img2 = img + 1.0
+    seen = {}
+    real = model._block
+
+    def spy(kind, i, sigma):
+        run_block = real(kind, i, sigma)
+        def wrapped(args):
+            seen.setdefault((kind, i), args["img"].clone())
+            return run_block(args)
+        return wrapped
+    model._block = spy
+    model(img2, txt, 0.8, ["c", "u"], runner)
+    # the first corrector (single 0) received cat(txt + R_txt, img2 + R_img) with R from sigma 1.0
+    d = TinyDiT()
+    a = {"img": img, "txt": txt}
+    for i in range(2):
+        a = d._block("double", i, 1.0)(a)
+    expected = torch.cat([txt + (a["txt"] - txt), img2 + (a["img"] - img)], dim=1)
+    assert torch.allclose(seen[("single", 0)], expected)
+    assert plain_first.shape == img.shape
+
+
+@pytest.mark.parametrize("site", [Site("span", probe_blocks=1), Site("blocks", probe_blocks=1, corrector_blocks=1)])
+@pytest.mark.parametrize("policy", [TeaCache(speed=0.3, warmup_steps=0), FirstBlock(threshold=0.3, warmup_steps=0),
+                                    FixedInterval(interval=3)])
+def test_batched_and_separate_calls_take_the_same_decisions(site, policy):
+    config = CacheConfig(policy=policy, site=site, forecaster=ForecasterConfig("taylor", 1))
+    batched, run_b, _ = sample(config)
+    separate, run_s, _ = sample(config, separate=True)
+    decisions = lambda run: [(ev.decision, ev.actions) for ev in run.trace.evaluations]
+    assert decisions(run_b) == decisions(run_s)
+    assert any(ev.decision != COMPUTED for ev in run_b.trace.evaluations)
+    for a, b in zip(batched, separate):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_forecast_fill_is_marked_and_differs_from_reuse():
+    reuse, _, _ = sample(CacheConfig(policy=FixedInterval(interval=3), site=Site("blocks")))
+    config = CacheConfig(policy=FixedInterval(interval=3), site=Site("blocks"), forecaster=ForecasterConfig("taylor", 1))
+    taylor, run, _ = sample(config)
+    assert FORECAST in run.trace.evaluations[-1].actions
+    assert not torch.allclose(reuse[-1], taylor[-1])
+
+
+def test_shape_change_resets_the_caches():
+    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span"))
+    model = TinyDiT()
+    run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
+    runner = BlockRunner(run, config.site.plan(LAYOUT), STREAMS)
+    img, txt = _inputs()
+    model(img, txt, 1.0, ["c", "u"], runner)
+    model(img[:, :4], txt, 0.8, ["c", "u"], runner)  # fewer tokens: must compute, not add a stale residual
+    assert run.trace.evaluations[1].decision == COMPUTED
+    assert run.notes and "reset" in run.notes[0]
+
+
+def test_memory_budget_stops_caching_and_says_so():
+    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("blocks"),
+                         memory_budget_mb=1e-4)
+    _, run, _ = sample(config)
+    assert all(ev.decision == COMPUTED for ev in run.trace.evaluations)
+    assert "budget" in run.report()["notes"][0]
+
+
+def test_cpu_offload_keeps_results():
+    base, _, _ = sample(CacheConfig(policy=FixedInterval(interval=2), site=Site("span")))
+    offload, run, _ = sample(CacheConfig(policy=FixedInterval(interval=2), site=Site("span"), offload_to_cpu=True))
+    assert all(torch.equal(a, b) for a, b in zip(base, offload))
+    assert run.report()["peak_cache_bytes"] > 0
+
+
+def test_plans_split_segments_by_kind_and_granularity():
+    span = Site("span", probe_blocks=1, corrector_blocks=1).plan(LAYOUT)
+    assert [s.key for s in span.segments] == ["double[1:2]", "single[0:2]"]
+    blocks = Site("blocks").plan(LAYOUT)
+    assert len(blocks.segments) == 5
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Site("span", probe_blocks=3, corrector_blocks=2).validate(LAYOUT),
+    lambda: Site("model", probe_blocks=1),
+    lambda: Site("everything"),
+    lambda: CacheConfig(policy=FirstBlock(), site=Site("span", probe_blocks=0)),
+    lambda: CacheConfig(site=Site("model"), tokens=TokenConfig()),
+    lambda: TokenConfig(ratio=0.0),
+])
+def test_impossible_settings_raise_clear_errors(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_fn_plus_bn_error_says_what_to_change():
+    with pytest.raises(ValueError, match="at most 4"):
+        Site("span", probe_blocks=3, corrector_blocks=2).validate(LAYOUT)
+
+
+def test_cache_core_never_imports_comfyui():
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[2] / "cache_core"
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        assert "import comfy" not in text and "from comfy" not in text and "folder_paths" not in text, path
