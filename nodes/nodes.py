@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import torch
-from comfy_api.latest import ComfyExtension, io, ui
+from comfy_api.latest import ComfyExtension, io
 
 import folder_paths
 
@@ -199,7 +199,7 @@ class CacheMapNode(io.ComfyNode):
                                                                        pixels.shape[1], pixels.shape[0])
         with open(os.path.join(folder, f"{name}_{counter:05}_.json"), "w") as f:
             f.write(text)
-        return io.NodeOutput(image, text, ui=ui.PreviewText(json.dumps(summary, indent=1)))
+        return io.NodeOutput(image, text, ui={"text": (json.dumps(summary, indent=1),), "feature_cache_report": (report,)})
 
 
 NODES = [CachePolicyNode, CacheForecasterNode, CacheTokenRatioNode, ApplyFeatureCacheNode, CacheMapNode]
