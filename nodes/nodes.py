@@ -126,7 +126,7 @@ class ApplyFeatureCacheNode(io.ComfyNode):
             category=CATEGORY,
             description="Returns a model that samples with feature caching. Bypass or remove it to get the plain model.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to sample with feature caching."),
                 io.Combo.Input("site", options=list(SITE_KINDS), default="span",
                                tooltip="model: the whole model's output (any architecture); span: the blocks between "
                                        "the probe and corrector blocks as one residual; blocks: each block on its own "

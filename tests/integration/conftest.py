@@ -3,6 +3,7 @@
 In CI (CI=true) a missing host is an error, never a skip.
 """
 import os
+import sys
 
 import pytest
 
@@ -33,3 +34,18 @@ def run_graph(host):
 
 def pytest_report_header(config):
     return f"ComfyUI host: {os.environ.get('COMFYUI_PATH') or 'from .comfyui_path / ~/ComfyUI'}"
+
+
+@pytest.fixture(scope="session")
+def product(host):
+    """Modules of the product pack as the host's loader imported them (package name = the folder's)."""
+    def find(name):
+        relative = os.path.join(*name.split("."))
+        targets = {os.path.realpath(os.path.join(host_module.REPO_ROOT, relative)) + ".py",
+                   os.path.realpath(os.path.join(host_module.REPO_ROOT, relative, "__init__.py"))}
+        for module in list(sys.modules.values()):
+            file = getattr(module, "__file__", None)
+            if file and os.path.realpath(file) in targets:
+                return module
+        raise RuntimeError(f"product module {name} is not loaded")
+    return find

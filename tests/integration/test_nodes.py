@@ -1,0 +1,76 @@
+"""The nodes as a user meets them: schema, bad input, and the Cache Map outputs."""
+import json
+import os
+
+import pytest
+import torch
+
+from benchmarks.graphs import flux_graph, wan_graph, with_cache
+
+NODE_IDS = ["FeatureCachePolicy", "FeatureCacheForecaster", "FeatureCacheTokenRatio", "ApplyFeatureCache",
+            "FeatureCacheMap"]
+
+
+def test_every_node_is_registered_with_tooltips_on_every_input(host):
+    for node_id in NODE_IDS:
+        cls = host.node_classes[node_id]
+        info = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for name, spec in info.get(group, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+@pytest.mark.parametrize("policy, apply, forecaster, message", [
+    ({}, {"probe_blocks": 3, "corrector_blocks": 2}, None, "probe_blocks"),
+    ({"start_percent": 0.7, "end_percent": 0.3}, {}, None, "start_percent"),
+    ({"method": "first_block"}, {"probe_blocks": 0}, None, "probe_blocks >= 1"),
+])
+def test_impossible_settings_fail_with_a_message_that_says_what_to_change(policy, apply, forecaster, message,
+                                                                          host, paths):
+    graph = with_cache(wan_graph(paths, steps=2), policy=policy, apply=apply, forecaster=forecaster)
+    with pytest.raises(RuntimeError, match=message):
+        host.execute(graph)
+
+
+def test_out_of_range_order_is_rejected_by_validation(host, paths):
+    graph = with_cache(wan_graph(paths, steps=2), forecaster={"order": 5})
+    with pytest.raises(ValueError, match="order"):
+        host.execute(graph)
+
+
+def test_token_ratio_is_validated_and_not_silently_ignored(host, paths):
+    graph = with_cache(wan_graph(paths, steps=2))
+    graph["tokens"] = {"class_type": "FeatureCacheTokenRatio", "inputs": {"selection": "cluster", "ratio": 0.3,
+                                                                          "clusters": 8}}
+    graph["cache_apply"]["inputs"]["tokens"] = ["tokens", 0]
+    with pytest.raises(RuntimeError, match="not available"):
+        host.execute(graph)
+
+
+def test_unsupported_architecture_names_supported_families_and_the_model_site(product):
+    adapters = product("nodes.adapters")
+
+    class SomeOtherDiT(torch.nn.Module):
+        pass
+    with pytest.raises(ValueError) as error:
+        adapters.adapter_for(SomeOtherDiT())
+    assert "Flux" in str(error.value) and "Wan" in str(error.value) and "'model' site" in str(error.value)
+
+
+def test_cache_map_returns_the_map_image_and_saves_the_report(host, paths):
+    graph = with_cache(flux_graph(paths, steps=6), policy={"method": "fixed", "threshold": 2.0},
+                       apply={"site": "span", "probe_blocks": 1, "corrector_blocks": 1})
+    graph["map_preview"] = {"class_type": "PreviewImage", "inputs": {"images": ["cache_map", 0]}}
+    outputs = host.execute(graph)
+    report = outputs["cache_map"]["feature_cache_report"][0]
+    summary = json.loads(outputs["cache_map"]["text"][0])
+    assert summary["evaluations"] == 6 and summary["evaluations_computed"] == 3
+    assert summary["ideal_speedup"] == pytest.approx(1 / report["compute_fraction"])
+    rows = report["trace"]["rows"]
+    assert rows[:2] == ["double_block 0", "double_block 1"] and len(rows) == 2 + 4
+    image = outputs["map_preview"]["images"][0]
+    assert image["filename"].endswith(".png")
+    folder = os.path.join(host.output_dir, "output", "feature_cache")
+    saved = sorted(f for f in os.listdir(folder) if f.endswith(".json"))
+    with open(os.path.join(folder, saved[-1])) as f:
+        assert json.load(f)["trace"] == report["trace"]
