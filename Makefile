@@ -37,15 +37,17 @@ $(STAMP): requirements.txt requirements-dev.txt .comfyui_path
 
 FORCE:
 
+PYTEST := $(PY) -m pytest -c tests/pytest.ini -q -p no:logging
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: setup
-	$(PY) -m pytest -q tests/unit
+	$(PYTEST) tests/unit
 
-# The second compatibility target (ComfyUI v0.8): COMFYUI_PATH=... make test-compat
+# The second compatibility target (ComfyUI v0.8): COMFYUI_PATH=$$HOME/ComfyUI-0.8 make test-compat
 test-compat: setup
-	$(PY) -m pytest -q tests/integration
+	$(PYTEST) tests/integration
 
 demo: setup
 	$(PY) -m benchmarks.demo

@@ -63,3 +63,30 @@ def with_cache(graph: dict, policy: dict | None = None, apply: dict | None = Non
         graph["cache_map"] = {"class_type": "FeatureCacheMap", "inputs": {
             "model": ["cache_apply", 0], "samples": ["sampler", 0], "cell_size": 8, "filename_prefix": "feature_cache/map"}}
     return graph
+
+
+CACHE_NODE_TYPES = ("FeatureCachePolicy", "FeatureCacheForecaster", "FeatureCacheTokenRatio", "ApplyFeatureCache",
+                    "FeatureCacheMap")
+
+
+def without_cache(graph: dict) -> dict:
+    """The graph as if the cache nodes had never been added: their consumers are wired to Apply's model input."""
+    graph = copy.deepcopy(graph)
+    sources = {nid: node["inputs"]["model"] for nid, node in graph.items() if node["class_type"] == "ApplyFeatureCache"}
+    graph = {nid: node for nid, node in graph.items() if node["class_type"] not in CACHE_NODE_TYPES}
+    for node in graph.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in sources:
+                node["inputs"][name] = list(sources[value[0]])
+    return graph
+
+
+def resolve_paths(graph: dict, root: str) -> dict:
+    """Make the fixture nodes' relative file paths absolute (shared workflows name files relative to the repo)."""
+    import os
+    graph = copy.deepcopy(graph)
+    for node in graph.values():
+        path = node["inputs"].get("path")
+        if node["class_type"].startswith("FCFixture") and isinstance(path, str) and not os.path.isabs(path):
+            node["inputs"]["path"] = os.path.join(root, path)
+    return graph

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image
 from comfy_api.latest import ComfyExtension, io
 
 import folder_paths
@@ -197,7 +198,9 @@ class CacheMapNode(io.ComfyNode):
         summary = {k: v for k, v in report.items() if k != "trace"}
         folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory(),
                                                                        pixels.shape[1], pixels.shape[0])
-        with open(os.path.join(folder, f"{name}_{counter:05}_.json"), "w") as f:
+        stem = os.path.join(folder, f"{name}_{counter:05}_")
+        Image.fromarray(pixels).save(stem + ".png")
+        with open(stem + ".json", "w") as f:
             f.write(text)
         return io.NodeOutput(image, text, ui={"text": (json.dumps(summary, indent=1),), "feature_cache_report": (report,)})
 

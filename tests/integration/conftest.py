@@ -12,6 +12,8 @@ from benchmarks import fixtures, host as host_module
 
 @pytest.fixture(scope="session")
 def host():
+    import torch
+    torch.set_num_threads(1)  # tiny models: threading overhead dominates, and CI has 2 cores
     return host_module.get_host()
 
 
