@@ -17,6 +17,7 @@ import comfy.patcher_extension
 
 from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED
 from .adapters import Adapter, adapter_for
+from .progress import send, with_progress
 
 WRAPPER_KEY = "feature_cache"
 SETUP_KEY = "feature_cache_setup"
@@ -91,12 +92,15 @@ def _outer_sample(executor, *args, **kwargs):
     options = comfy.model_patcher.create_model_options_clone(original_options)
     options["transformer_options"][RUN_KEY] = _RunContext(run, setup, guider.model_patcher.model.diffusion_model)
     guider.model_options = options
+    args = list(args)
+    args[5] = with_progress(args[5], run, setup.handle.node_id)  # the step callback
     try:
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
         report = run.report()
         setup.handle.publish(report)
+        send(run, setup.handle.node_id, len(sigmas) - 1, len(sigmas) - 1, done=True)
         log.info("FeatureCache %s: computed %d/%d evaluations, compute fraction %.3f (ideal speedup %.2fx), "
                  "peak cache %.1f MiB", report["method"], report["evaluations_computed"], report["evaluations"],
                  report["compute_fraction"], report["ideal_speedup"], report["peak_cache_bytes"] / 2**20)

@@ -74,3 +74,27 @@ def test_cache_map_returns_the_map_image_and_saves_the_report(host, paths):
     saved = sorted(f for f in os.listdir(folder) if f.endswith(".json"))
     with open(os.path.join(folder, saved[-1])) as f:
         assert json.load(f)["trace"] == report["trace"]
+
+
+def test_progress_reaches_the_browser_after_every_step(host, paths):
+    steps = 5
+    graph = with_cache(wan_graph(paths, steps=steps), policy={"method": "fixed", "threshold": 2.0})
+    outputs = host.execute(graph, client_id="browser-1")
+    progress = [data for event, data, sid in host.events if event == "feature_cache.progress"]
+    assert [p["step"] for p in progress] == list(range(1, steps + 1)) + [steps]
+    assert all(p["node"] == "cache_apply" for p in progress) and progress[-1]["done"]
+    report = outputs["cache_map"]["feature_cache_report"][0]
+    letters = {"computed": "C", "reused": "R", "forecast": "F"}
+    expected = ["".join(letters[a] for a in e["actions"]) for e in report["trace"]["evaluations"]]
+    assert progress[-1]["columns"] == expected
+    assert len(progress[2]["columns"]) == 3  # the map grows step by step
+
+
+def test_the_frontend_extension_is_registered_with_the_host(host):
+    import nodes
+    from benchmarks.host import REPO_ROOT
+    web = os.path.realpath(os.path.join(REPO_ROOT, "web"))
+    assert web in {os.path.realpath(p) for p in nodes.EXTENSION_WEB_DIRS.values()}
+    with open(os.path.join(web, "feature_cache.js")) as f:
+        source = f.read()
+    assert "feature_cache.progress" in source and "addDOMWidget" in source
