@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -79,11 +80,10 @@ def main(argv=None) -> int:
     fidelity = {"psnr": psnr(a, b), "ssim": ssim(a, b), "latent_psnr": psnr(cached, plain, float(plain.abs().max()))}
     save_png(a, os.path.join(args.out, "cached.png"))
     save_png(b, os.path.join(args.out, "uncached.png"))
-    map_files = sorted(f for f in os.listdir(os.path.join(args.out, "comfy", "output", "feature_cache"))
-                       if f.endswith(".png"))
-    if map_files:
-        os.replace(os.path.join(args.out, "comfy", "output", "feature_cache", map_files[-1]),
-                   os.path.join(args.out, "cache_map.png"))
+    map_folder = os.path.join(host.output_dir, "output", "feature_cache")  # where the Cache Map node saved it
+    newest_map = max((f for f in os.listdir(map_folder) if f.endswith(".png")),
+                     key=lambda f: os.path.getmtime(os.path.join(map_folder, f)))
+    shutil.copyfile(os.path.join(map_folder, newest_map), os.path.join(args.out, "cache_map.png"))
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({**report, **fidelity, "seconds_cached": cached_s, "seconds_uncached": plain_s}, f, indent=1)
 
