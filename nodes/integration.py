@@ -30,17 +30,13 @@ class CacheHandle:
 
     def __init__(self, node_id: Optional[str] = None):
         self.node_id = node_id
-        self.reports: list[dict] = []
+        self.last: Optional[dict] = None  # the report of the latest finished run
 
     def __deepcopy__(self, memo):
         return self  # ModelPatcher.clone() deep-copies model_options; reports must reach the one handle
 
     def publish(self, report: dict) -> None:
-        self.reports.append(report)
-
-    @property
-    def last(self) -> Optional[dict]:
-        return self.reports[-1] if self.reports else None
+        self.last = report
 
 
 @dataclass(frozen=True)
