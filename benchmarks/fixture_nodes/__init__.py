@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from comfy_api.latest import ComfyExtension, io
 
 # The host loads this pack by file path, so the repo's own modules may not be importable yet.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 if _REPO_ROOT not in sys.path:
     sys.path.append(_REPO_ROOT)
 
