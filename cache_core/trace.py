@@ -56,6 +56,13 @@ class Trace:
                     out[a] += 1
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Trace":
+        return cls(list(data["rows"]), [
+            Evaluation(e["index"], e["sigma"], e["step"], list(e["actions"]), e.get("indicator"),
+                       e.get("decision", COMPUTED))
+            for e in data["evaluations"]])
+
     def to_dict(self) -> dict:
         return {
             "rows": list(self.rows),

@@ -12,7 +12,7 @@ from comfy_api.latest import ComfyExtension, io
 import folder_paths
 
 from ..cache_core import (FORECASTER_KINDS, MAX_TAYLOR_ORDER, POLICIES, SITE_KINDS, TOKEN_SELECTIONS, CacheConfig,
-                          ForecasterConfig, Site, TeaCache, TokenConfig, make_policy, render_map)
+                          ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy, render_map)
 from .integration import SETUP_KEY, CacheHandle, install
 
 CachePolicy = io.Custom("CACHE_POLICY")
@@ -188,11 +188,7 @@ class CacheMapNode(io.ComfyNode):
         if report is None:
             raise ValueError("Cache Map: no sampling run has used this cache yet; connect the sampler that uses the "
                              "cached model to 'samples'.")
-        from ..cache_core import Trace
-        from ..cache_core.trace import Evaluation
-        trace = Trace(report["trace"]["rows"], [Evaluation(e["index"], e["sigma"], e["step"], e["actions"])
-                                                for e in report["trace"]["evaluations"]])
-        pixels = render_map(trace, cell_size)
+        pixels = render_map(Trace.from_dict(report["trace"]), cell_size)
         image = torch.from_numpy(pixels.astype(np.float32) / 255.0).unsqueeze(0)
         text = json.dumps(report, indent=1)
         summary = {k: v for k, v in report.items() if k != "trace"}
