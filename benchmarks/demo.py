@@ -15,19 +15,11 @@ import torch
 from PIL import Image
 
 from benchmarks import graphs, host as host_module
-from benchmarks.latent import latent_to_image
+from benchmarks.latent import frames
 from benchmarks.metrics import psnr, ssim
 
 REPO_ROOT = host_module.REPO_ROOT
 MODELS_DIR = os.path.join(REPO_ROOT, "benchmarks", "models")
-
-
-def frames(latent: torch.Tensor) -> torch.Tensor:
-    """Decoded frames [N, 3, H, W] of an image or video latent."""
-    images = latent_to_image(latent)
-    if images.ndim == 5:
-        images = images.permute(0, 2, 1, 3, 4).flatten(0, 1)
-    return images
 
 
 def save_png(images: torch.Tensor, path: str, scale: int = 4) -> None:

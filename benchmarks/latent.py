@@ -35,3 +35,11 @@ def latent_to_image(latent: torch.Tensor) -> torch.Tensor:
         return img.reshape(b, t, 3, h * FACTOR, w * FACTOR).permute(0, 2, 1, 3, 4)
     img = F.pixel_shuffle(latent[:, :_USED].float(), FACTOR)
     return ((img + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def frames(latent: torch.Tensor) -> torch.Tensor:
+    """Decoded frames [N, 3, H, W] of an image or video latent: what fidelity metrics compare."""
+    images = latent_to_image(latent)
+    if images.ndim == 5:
+        images = images.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    return images

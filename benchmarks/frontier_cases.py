@@ -1,0 +1,167 @@
+"""The frontier benchmark's cases: a model, a sampler setting and the samples (label, seed) to run.
+
+A case is a list of API-format graphs, one per sample, that already hold our cache nodes: every
+method is then a rewrite of the same graphs and the uncached reference is graphs.without_cache, so
+all methods are compared on exactly the same sampler runs.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+from safetensors import safe_open
+
+from benchmarks import fixtures, graphs
+from benchmarks.host import REPO_ROOT
+
+MODELS_DIR = os.path.join(REPO_ROOT, "benchmarks", "models")
+TRAINED = {"wan": ("tiny_wan.safetensors", "tiny_wan_labels.safetensors"),
+           "flux": ("tiny_flux.safetensors", "tiny_flux_labels.safetensors")}
+CFG = 3.0  # what the trained models are checked with (benchmarks/check_learned.py)
+IMAGE_SIZE = 128  # 32x32 pixels: the trained models' data, 16x16 latents
+QUICK_SIZE = 64
+# Wan 2.1 1.3B widths; text width 4096 is fixed by the host's Wan detection.
+SLICE_DIMS = dict(dim=1536, ffn_dim=8960, num_layers=3)
+QUICK_SLICE_DIMS = dict(dim=256, ffn_dim=1024, num_layers=3)
+
+
+@dataclasses.dataclass
+class Case:
+    id: str  # what --cases selects
+    model: str
+    name: str
+    graphs: list  # one cached graph per sample
+    samples: list  # a label per graph, e.g. "label 0 seed 1"
+    threads: int | None = 1  # torch threads while it runs; tiny models lose to threading overhead
+    fixed_only: bool = False  # random weights: adaptive policies would engage arbitrarily (design note 4)
+    repeats: int = 2  # interleaved uncached/cached pairs timed per setting
+
+
+@dataclasses.dataclass
+class Models:
+    """The graphs.py paths dict for the tiny models, and where each model came from (for the report)."""
+    paths: dict
+    origin: dict
+
+
+def label_count(path: str) -> int:
+    with safe_open(path, "pt") as f:
+        return f.get_slice("labels").get_shape()[0]
+
+
+def tiny_models(host, work_dir: str) -> Models:
+    """The trained tiny models from benchmarks/models; each missing one falls back to a generated
+    random-weight fixture, which the report states (random weights say little about caching)."""
+    generated = None
+    paths, origin = {}, {}
+    for kind, (model_file, labels_file) in TRAINED.items():
+        model_path = os.path.join(MODELS_DIR, model_file)
+        if os.path.isfile(model_path) and os.path.isfile(os.path.join(MODELS_DIR, labels_file)):
+            if kind == "wan":
+                host.add_model_dir(MODELS_DIR)
+                paths["wan_name"] = model_file
+            else:
+                paths["flux"] = model_path
+            paths[f"{kind}_labels"] = os.path.join(MODELS_DIR, labels_file)
+            origin[kind] = f"trained: benchmarks/models/{model_file}"
+        else:
+            generated = generated or fixtures.ensure_fixtures(os.path.join(work_dir, "models"))
+            for key in (("wan_name", "wan_labels") if kind == "wan" else ("flux", "flux_labels")):
+                paths[key] = generated[key]
+            origin[kind] = f"GENERATED RANDOM WEIGHTS (benchmarks/models/{model_file} missing)"
+    return Models(paths, origin)
+
+
+def external_wan(host, model_file: str, cond_file: str) -> Models:
+    """A Wan checkpoint from anywhere, with its per-label embeddings ('labels' [N, L, 4096])."""
+    for path in (model_file, cond_file):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+    host.add_model_dir(os.path.dirname(os.path.abspath(model_file)))
+    paths = dict(wan_name=os.path.basename(model_file), wan_labels=os.path.abspath(cond_file))
+    return Models(paths, {"wan": f"--model-file {model_file} --cond-file {cond_file}"})
+
+
+def _labels(path: str, count: int) -> tuple[list[int], int]:
+    """`count` positive labels spread over the file and the negative one: the last row (the null
+    label of the trained models' files)."""
+    n = label_count(path)
+    if n < 2:
+        raise ValueError(f"{path}: need at least 2 label embeddings (the last one is the negative), found {n}")
+    count = min(count, n - 1)
+    return [i * (n - 1) // count for i in range(count)], n - 1
+
+
+def _case(case_id, model, name, build, labels_path, n_labels, seeds, **extra) -> Case:
+    positives, negative = _labels(labels_path, n_labels)
+    cached, samples = [], []
+    for label in positives:
+        for seed in seeds:
+            cached.append(graphs.with_cache(build(label=label, negative_label=negative, seed=seed)))
+            samples.append(f"label {label} seed {seed}")
+    return Case(case_id, model, name, cached, samples, **extra)
+
+
+def tiny_cases(models: Models, quick: bool, wan_name: str = "tiny-wan") -> list[Case]:
+    """Image and video on Wan, image on Flux; Euler 30 steps and a non-uniform schedule."""
+    paths = models.paths
+    size = QUICK_SIZE if quick else IMAGE_SIZE
+    euler = dict(sampler_name="euler", scheduler="simple", steps=6 if quick else 30, cfg=CFG)
+    dpm = dict(sampler_name="dpmpp_2m", scheduler="karras", steps=5 if quick else 20, cfg=CFG)
+    n_labels, seeds = (1, [1]) if quick else (2, [1, 2])
+    video_frames = 2 if quick else 4
+
+    def wan(frames, sampler):
+        return lambda **k: graphs.wan_graph(paths, size=size, frames=frames, **sampler, **k)
+
+    def flux(sampler):
+        return lambda **k: graphs.flux_graph(paths, size=size, **sampler, **k)
+
+    out = []
+    if "wan_name" in paths:
+        out += [
+            _case("wan-image", wan_name, f"image, euler/simple {euler['steps']}", wan(1, euler), paths["wan_labels"],
+                  n_labels, seeds),
+            _case("wan-image-dpm", wan_name, f"image, dpmpp_2m/karras {dpm['steps']}", wan(1, dpm),
+                  paths["wan_labels"], n_labels, seeds),
+            _case("wan-video", wan_name, f"video {video_frames} latent frames, euler/simple {euler['steps']}",
+                  wan(video_frames, euler), paths["wan_labels"], n_labels, seeds[:1]),
+        ]
+    if "flux" in paths:
+        out.append(_case("flux-image", "tiny-flux", f"image, euler/simple {euler['steps']}", flux(euler),
+                         paths["flux_labels"], n_labels, seeds))
+    return out
+
+
+def slice_case(host, quick: bool) -> Case:
+    """Wan 2.1 1.3B widths with 3 blocks and random weights, so compute dominates as on a GPU: the
+    speed (efficiency) case. Written once per process to a temporary folder, loaded by UNETLoader."""
+    dims = QUICK_SLICE_DIMS if quick else SLICE_DIMS
+    folder = tempfile.mkdtemp(prefix="fc-slice-")
+    atexit.register(shutil.rmtree, folder, True)
+    name = "fc_slice_wan_{dim}x{num_layers}.safetensors".format(**dims)
+    fixtures.write_tiny_wan(os.path.join(folder, name), **dims)
+    labels = fixtures.write_label_embeddings(os.path.join(folder, "labels.safetensors"), 2, fixtures.LABEL_LENGTH,
+                                             fixtures.WAN_TEXT_DIM)
+    host.add_model_dir(folder)
+    paths = dict(wan_name=name, wan_labels=labels)
+    sampler = dict(sampler_name="euler", scheduler="simple", steps=4 if quick else 8, cfg=CFG)
+    build = lambda **k: graphs.wan_graph(paths, size=QUICK_SIZE if quick else IMAGE_SIZE, **sampler, **k)
+    model = "wan-slice dim {dim} ffn {ffn_dim} x{num_layers} blocks (random)".format(**dims)
+    return _case("slice", model, f"image, euler/simple {sampler['steps']}", build, labels, 1, [1], threads=2,
+                 fixed_only=True, repeats=2 if quick else 3)
+
+
+def workflow_case(path: str) -> Case:
+    """Any API-format workflow holding one ApplyFeatureCache, run as it is (its own seed and prompt)."""
+    with open(path) as f:
+        workflow = graphs.resolve_paths(json.load(f), REPO_ROOT)
+    applies = [nid for nid, node in workflow.items() if node.get("class_type") == "ApplyFeatureCache"]
+    if len(applies) != 1:
+        raise ValueError(f"{path}: a workflow to benchmark needs exactly one ApplyFeatureCache node, found {len(applies)}")
+    return Case("workflow", os.path.basename(path), "workflow as given", [workflow], ["as given"], threads=None,
+                repeats=3)
