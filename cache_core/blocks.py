@@ -18,6 +18,8 @@ from .trace import COMPUTED
 
 ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]
 
+# Blocks may update their input in place (Flux does), so anything read after a block ran is a copy.
+
 
 class _Call:
     """What one model call has seen so far (blocks run sequentially within a call)."""
@@ -62,8 +64,8 @@ class BlockRunner:
         return value if value is not None else args[streams[0]]  # no modulation known: the raw input
 
     def _probe(self, kind, g, args, run_block, streams):
-        if self.call.probe_kind != kind:
-            self.call.probe_kind, self.call.probe_base = kind, args[streams[0]]
+        if self.call.probe_kind != kind and self.run.config.policy.indicator == PROBE_RESIDUAL:
+            self.call.probe_kind, self.call.probe_base = kind, args[streams[0]].clone()
         out = run_block(args)
         self.call.probe_out = out[streams[0]]
         self.run.mark(g, COMPUTED)
@@ -75,20 +77,22 @@ class BlockRunner:
             PROBE_RESIDUAL: None if self.call.probe_out is None else self.call.probe_out - self.call.probe_base,
             INPUT: self.call.decision_input,
         }[kind_of_indicator]
-        return None if source is None else self.run.reference_chunk(source)
+        reference = None if source is None else self.run.reference_chunk(source)
+        return None if reference is None else reference.clone()
 
     def _cached(self, kind, index, g, segment_number, args, run_block, streams):
         segment = self.plan.segments[segment_number]
         if g == self.plan.decision_block:
             self.call.decision_input = args[streams[0]]
             self.call.compute = self.run.decide(self.segment_keys, self._indicator)
+            self.call.decision_input = None
         if not self.call.compute:
             self.run.mark(g, self.run.fill_action)
             if index != segment.first:
                 return {s: args[s] for s in streams}
             return {s: args[s] + self.run.fill((segment.key, s), args[s]) for s in streams}
         if index == segment.first:
-            self.call.segment_inputs = {s: args[s] for s in streams}
+            self.call.segment_inputs = {s: args[s].clone() for s in streams}
         out = run_block(args)
         self.run.mark(g, COMPUTED)
         if index == segment.last:

@@ -51,3 +51,14 @@ def product(host):
                 return module
         raise RuntimeError(f"product module {name} is not loaded")
     return find
+
+
+@pytest.fixture(scope="session")
+def models(host, paths):
+    """ModelPatchers of the tiny fixtures as the host's loaders build them, with their label file and latent shape."""
+    import nodes
+    fixture_flux = host.node_classes["FCFixtureFluxLoader"]
+    wan = nodes.UNETLoader().load_unet(paths["wan_name"], "default")[0]
+    flux = fixture_flux.execute(paths["flux"]).args[0]
+    return {"wan": (wan, paths["wan_labels"], (1, 16, 1, 8, 8)),
+            "flux": (flux, paths["flux_labels"], (1, 16, 8, 8))}

@@ -42,16 +42,6 @@ def _sample(patcher, labels_path, shape):
                                disable_pbar=True, seed=3)
 
 
-@pytest.fixture(scope="module")
-def models(host, paths):
-    import nodes
-    fixture_flux = host.node_classes["FCFixtureFluxLoader"]
-    wan = nodes.UNETLoader().load_unet(paths["wan_name"], "default")[0]
-    flux = fixture_flux.execute(paths["flux"]).args[0]
-    return {"wan": (wan, paths["wan_labels"], (1, 16, 1, 8, 8)),
-            "flux": (flux, paths["flux_labels"], (1, 16, 8, 8))}
-
-
 @pytest.mark.parametrize("family", ["wan", "flux"])
 @pytest.mark.parametrize("site", ["model", "span", "blocks"])
 def test_model_is_restored_after_sampling_and_plain_sampling_is_unchanged(family, site, models, product):

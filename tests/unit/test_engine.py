@@ -10,7 +10,11 @@ STREAMS = {"double": ("img", "txt"), "single": ("img",)}
 
 
 class TinyDiT:
-    """Blocks h -> h + sigma * tanh(W h); 'single' blocks see cat(txt, img) as Flux does."""
+    """Blocks h -> h + sigma * tanh(W h); 'single' blocks see cat(txt, img) as Flux does.
+
+    Like Flux, some streams are updated in place (txt and the single-block stream), so the engine
+    must never rely on a block's input tensor after the block ran.
+    """
 
     def __init__(self, dim=8, seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -20,13 +24,21 @@ class TinyDiT:
     def _block(self, kind, i, sigma):
         def run(args):
             self.calls += 1
-            return {s: args[s] + sigma * torch.tanh(args[s] @ self.weights[(kind, i)]) for s in STREAMS[kind]}
+            out = {}
+            for s in STREAMS[kind]:
+                update = sigma * torch.tanh(args[s] @ self.weights[(kind, i)])
+                if s == "img" and kind == "double":
+                    out[s] = args[s] + update
+                else:
+                    out[s] = args[s].add_(update)  # in place, as Flux's txt and single streams
+            return out
         return run
 
     def __call__(self, img, txt, sigma, uuids, hook=None):
         def through(kind, i, args):
             run = self._block(kind, i, sigma)
             return hook(kind, i, args, run, uuids, sigma) if hook else run(args)
+        img, txt = img.clone(), txt.clone()  # fresh hidden states, as a model's embedding layers make
         for i in range(2):
             out = through("double", i, {"img": img, "txt": txt})
             img, txt = out["img"], out["txt"]
@@ -105,7 +117,7 @@ def test_filled_span_adds_the_cached_residual_to_its_input():
     model(img2, txt, 0.8, ["c", "u"], runner)
     # the first corrector (single 0) received cat(txt + R_txt, img2 + R_img) with R from sigma 1.0
     d = TinyDiT()
-    a = {"img": img, "txt": txt}
+    a = {"img": img.clone(), "txt": txt.clone()}
     for i in range(2):
         a = d._block("double", i, 1.0)(a)
     expected = torch.cat([txt + (a["txt"] - txt), img2 + (a["img"] - img)], dim=1)
