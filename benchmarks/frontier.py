@@ -50,9 +50,11 @@ PSNR_CAP = 100.0
 SPEEDS = (0.25, 0.5, 0.75, 1.0)  # fixed: compute every 2nd, 3rd, 5th, 6th step
 QUICK_SPEEDS = (0.6,)
 SLICE_SPEEDS = (0.5,)  # fixed interval 3
-COMFY_THRESHOLDS = (0.05, 0.15, 0.4, 1.0)
+# reuse_threshold sweeps spanning each built-in node's range on the tiny models (EasyCache skips far
+# more per unit of threshold than LazyCache).
+COMFY_NODES = {"comfy:EasyCache": ("EasyCache", (0.01, 0.02, 0.05, 0.15)),
+               "comfy:LazyCache": ("LazyCache", (0.05, 0.15, 0.4, 1.0))}
 QUICK_COMFY_THRESHOLDS = (0.2,)
-COMFY_NODES = {"comfy:EasyCache": "EasyCache", "comfy:LazyCache": "LazyCache"}
 DEFAULT_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@blocks", "teacache+reuse@span",
                    "teacache+taylor1@span", "teacache+taylor2@span", "first_block+reuse@span",
                    "easycache+reuse@model", *COMFY_NODES)
@@ -222,9 +224,9 @@ def build_methods(host, names, quick: bool) -> list[Method]:
     methods = []
     for name in names:
         if name in COMFY_NODES:
-            thresholds = QUICK_COMFY_THRESHOLDS if quick else COMFY_THRESHOLDS
-            methods.append(node_method(host, name, COMFY_NODES[name], {"reuse_threshold": [str(t) for t in thresholds]},
-                                       "log"))
+            class_type, thresholds = COMFY_NODES[name]
+            thresholds = QUICK_COMFY_THRESHOLDS if quick else thresholds
+            methods.append(node_method(host, name, class_type, {"reuse_threshold": [str(t) for t in thresholds]}, "log"))
             continue
         try:
             methods.append(our_method(host, name, QUICK_SPEEDS if quick else SPEEDS))

@@ -95,6 +95,16 @@ def test_workflow_sweep(host, paths, tmp_path):
     assert ours["cache_bytes"] is not None and ours["latent_psnr"] is None
 
 
+def test_any_wan_checkpoint(host, paths, tmp_path):
+    """--model-file / --cond-file: a Wan checkpoint from anywhere, with its label embeddings."""
+    out = str(tmp_path / "bench")
+    assert frontier.main(["--quick", "--out", out, "--model-file", paths["wan"], "--cond-file", paths["wan_labels"],
+                          "--cases", "wan-video", "--methods", "fixed+taylor2@blocks", "comfy:LazyCache"]) == 0
+    records = load(out)
+    assert [(r["model"], r["method"], r["status"]) for r in records] == [
+        (os.path.basename(paths["wan"]), "fixed+taylor2@blocks", "ok"), (os.path.basename(paths["wan"]), "comfy:LazyCache", "ok")]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "nosuch+reuse@span"], "unknown method 'nosuch+reuse@span'. Available: fixed+reuse@model"),
     (["--cases", "nosuch"], "unknown case(s) nosuch; available: wan-image"),
