@@ -72,11 +72,10 @@ class BlockRunner:
         return out
 
     def _indicator(self, kind_of_indicator: str) -> Optional[torch.Tensor]:
-        source = {
-            MODULATED_INPUT: self.call.modulated,
-            PROBE_RESIDUAL: None if self.call.probe_out is None else self.call.probe_out - self.call.probe_base,
-            INPUT: self.call.decision_input,
-        }[kind_of_indicator]
+        if kind_of_indicator == PROBE_RESIDUAL:
+            source = None if self.call.probe_out is None else self.call.probe_out - self.call.probe_base
+        else:
+            source = {MODULATED_INPUT: self.call.modulated, INPUT: self.call.decision_input}[kind_of_indicator]
         reference = None if source is None else self.run.reference_chunk(source)
         return None if reference is None else reference.clone()
 
