@@ -411,7 +411,7 @@ def info_logs():
     quieted = [(h, h.level) for h in root.handlers]
     for handler, handler_level in quieted:
         handler.setLevel(max(handler_level, level))
-    collector = host_module._LogCollector()
+    collector = host_module.LogCollector()
     root.addHandler(collector)
     root.setLevel(logging.INFO)
     try:

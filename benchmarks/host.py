@@ -66,7 +66,7 @@ class _ServerStub:
         pass
 
 
-class _LogCollector(logging.Handler):
+class LogCollector(logging.Handler):
     """Keeps the log lines emitted while a pack loads: the host loader reports failures only there."""
 
     def __init__(self):
@@ -142,7 +142,7 @@ class Host:
             return
         if not os.path.isfile(os.path.join(path, "__init__.py")):
             raise RuntimeError(f"custom node pack {path} has no __init__.py")
-        collector = _LogCollector()
+        collector = LogCollector()
         root = logging.getLogger()
         root.addHandler(collector)
         try:

@@ -55,10 +55,6 @@ class Policy:
     def effective_threshold(self) -> float:
         return self.threshold if self.threshold is not None else self.speed * self.speed_to_threshold
 
-    @property
-    def never_fills(self) -> bool:
-        return self.effective_threshold == 0.0
-
     def new_state(self) -> "PolicyState":
         raise NotImplementedError
 
@@ -177,14 +173,11 @@ class _TransformationRateState(PolicyState):
         self.accumulated = 0.0
         self.pending_input_change: Optional[float] = None
 
-    def _input_change(self, indicator):
-        return float((indicator - self.input_at_compute).abs().mean())
-
     def decide(self, indicator, forced):
         value = None
         self.pending_input_change = None
         if self.input_at_compute is not None and indicator is not None:
-            self.pending_input_change = self._input_change(indicator)
+            self.pending_input_change = float((indicator - self.input_at_compute).abs().mean())
             if self.rate is not None:
                 output_norm = float(self.output_at_compute.abs().mean())
                 self.accumulated += self.rate * self.pending_input_change / max(output_norm, 1e-12)

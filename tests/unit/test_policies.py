@@ -28,7 +28,7 @@ def test_speed_maps_to_interval_and_zero_never_fills():
     assert FixedInterval(speed=0.0).effective_interval == 1
     assert FixedInterval(speed=1.0).effective_interval == 6
     for cls in (TeaCache, EasyCache, FirstBlock):
-        assert cls(speed=0.0).never_fills
+        assert cls(speed=0.0).effective_threshold == 0.0
 
 
 @pytest.mark.parametrize("cls", [TeaCache, EasyCache, FirstBlock, FixedInterval])
