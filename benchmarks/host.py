@@ -67,7 +67,7 @@ class _ServerStub:
 
 
 class LogCollector(logging.Handler):
-    """Keeps the log lines emitted while a pack loads: the host loader reports failures only there."""
+    """Keeps the log lines emitted meanwhile: the host reports pack-load failures and its cache nodes' summaries only there."""
 
     def __init__(self):
         super().__init__(logging.DEBUG)
