@@ -142,8 +142,11 @@ def sample_sigmas(model_sampling, n, gen):
     return torch.where(pick, host, uniform).clamp(1e-3, 1.0)
 
 
-def flow_loss(base_model, latent, label_idx, table, gen, guidance=None):
-    """Velocity MSE through the host's apply_model (which returns the denoised prediction)."""
+def flow_loss(base_model, latent, label_idx, table, gen, guidance=None, motion_weight=0.0):
+    """Velocity MSE through the host's apply_model (which returns the denoised prediction).
+
+    motion_weight > 0 (clips) adds the MSE of the error's frame-to-frame differences: same optimum
+    (a positive-definite reweighting of the error), more weight on getting the motion right."""
     x0 = base_model.process_latent_in(latent)
     noise = torch.randn(x0.shape, generator=gen)
     sigma = sample_sigmas(base_model.model_sampling, x0.shape[0], gen)
@@ -155,8 +158,11 @@ def flow_loss(base_model, latent, label_idx, table, gen, guidance=None):
     # The host's blocks add residuals in place (inference code): saving copies keeps autograd valid.
     with torch.autograd.graph.saved_tensors_hooks(torch.Tensor.clone, lambda t: t):
         denoised = base_model.apply_model(x_t, sigma, c_crossattn=table["labels"][label_idx], **kwargs)
-    velocity = (x_t - denoised) / s
-    return torch.mean((velocity - (noise - x0)) ** 2)
+    err = (x_t - denoised) / s - (noise - x0)
+    loss = torch.mean(err ** 2)
+    if motion_weight:
+        loss = loss + motion_weight * torch.mean(torch.diff(err, dim=2) ** 2)
+    return loss
 
 
 def _drop_labels(labels, gen):
@@ -171,8 +177,9 @@ def _batch_losses(kind, base_model, table, step, args, gen):
     if kind == "wan":
         latent = image_to_latent(images).unsqueeze(2)
         losses = {"img": flow_loss(base_model, latent, _drop_labels(labels, gen), table, gen)}
-        clips, clip_labels = data.make_clips(args.batch // 2, seed + 500_000_000)
-        losses["clip"] = flow_loss(base_model, image_to_latent(clips), _drop_labels(clip_labels, gen), table, gen)
+        clips, clip_labels = data.make_clips(args.clips or args.batch // 2, seed + 500_000_000)
+        losses["clip"] = flow_loss(base_model, image_to_latent(clips), _drop_labels(clip_labels, gen), table, gen,
+                                   motion_weight=args.motion_weight)
         return losses
     guidance = 1.0 + 4.0 * torch.rand(args.batch, generator=gen)
     return {"img": flow_loss(base_model, image_to_latent(images), _drop_labels(labels, gen), table, gen, guidance)}
@@ -311,7 +318,12 @@ def main(argv=None):
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--log", default=None, help="default: <out stem>.log.txt next to --out")
         p.add_argument("--log-every", type=int, default=50)
-        p.add_argument("--batch", type=int, default=batch, help="images per step (Wan: plus batch/2 clips)")
+        p.add_argument("--batch", type=int, default=batch, help="images per step (Wan: plus --clips clips)")
+        if kind == "wan":
+            p.add_argument("--clips", type=int, default=None,
+                           help="clips per step (default batch/2); more gives motion more of the signal")
+            p.add_argument("--motion-weight", type=float, default=0.0,
+                           help="clip loss += this * MSE of the error's frame-to-frame differences")
         p.add_argument("--lr", type=float, default=5e-4)
         p.add_argument("--ema", type=float, default=0.995)
         p.add_argument("--init", default=None, help="start from this checkpoint's weights (train longer)")
