@@ -32,6 +32,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from benchmarks import data
+from benchmarks.fixtures import build_flux
+from benchmarks.host import comfyui_path
 from benchmarks.latent import image_to_latent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,13 +62,8 @@ FLUX_POOLED_DIM = 32
 
 
 def import_host():
-    """Put the ComfyUI host first on sys.path (COMFYUI_PATH, .comfyui_path, ~/ComfyUI), CPU-safe."""
-    candidates = [os.environ.get("COMFYUI_PATH")]
-    marker = REPO / ".comfyui_path"
-    if marker.exists():
-        candidates.append(marker.read_text().strip())
-    candidates.append(os.path.expanduser("~/ComfyUI"))
-    host = next(p for p in candidates if p and os.path.isfile(os.path.join(p, "main.py")))
+    """Put the ComfyUI host first on sys.path (benchmarks.host.comfyui_path), CPU unless CUDA is there."""
+    host = comfyui_path()
     if host not in sys.path:
         sys.path.insert(0, host)
     import comfy.cli_args
@@ -112,11 +109,9 @@ def build_model(kind):
     """The host BaseModel (fp32, CPU) for 'wan' or 'flux', built from its host model config."""
     import_host()
     import comfy.model_detection
-    import comfy.supported_models
-    if kind == "wan":
-        model_config = comfy.model_detection.model_config_from_unet_config(dict(WAN_CONFIG))
-    else:
-        model_config = comfy.supported_models.Flux(dict(FLUX_CONFIG))
+    if kind == "flux":
+        return build_flux(FLUX_CONFIG)
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(WAN_CONFIG))
     model_config.set_inference_dtype(torch.float32, None)
     return model_config.get_model({})
 
@@ -274,14 +269,10 @@ def load_flux(path):
     import_host()
     import comfy.model_management
     import comfy.model_patcher
-    import comfy.supported_models
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         config = json.loads(f.metadata()["flux_config"])
-    model_config = comfy.supported_models.Flux(config)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({})
-    model.load_model_weights(load_file(str(path)), "")
+    model = build_flux(config, load_file(str(path)))
     return comfy.model_patcher.ModelPatcher(model, comfy.model_management.get_torch_device(),
                                             comfy.model_management.unet_offload_device())
 
