@@ -22,7 +22,6 @@ Conventions (the README in benchmarks/models/ repeats them):
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path

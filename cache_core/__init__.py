@@ -1,9 +1,15 @@
 """The feature-cache engine: pure torch, no ComfyUI import (tested on plain tensors)."""
 from .blocks import BlockRunner
-from .engine import CacheConfig, CacheRun, chunk
+from .engine import CacheConfig, CacheRun
 from .forecasters import FORECASTER_KINDS, MAX_TAYLOR_ORDER, ForecasterConfig, TaylorForecaster
-from .policies import (INPUT, MODULATED_INPUT, NO_INDICATOR, POLICIES, PROBE_RESIDUAL, EasyCache, FirstBlock,
-                       FixedInterval, Policy, TeaCache, make_policy)
-from .sites import BLOCKS, BlockPlan, CACHED, CORRECTOR, MODEL, PROBE, SITE_KINDS, SPAN, Site
+from .policies import POLICIES, EasyCache, FirstBlock, FixedInterval, Policy, TeaCache, make_policy
+from .sites import SITE_KINDS, Site
 from .tokens import TOKEN_SELECTIONS, TokenConfig
-from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace, render_map
+from .trace import COMPUTED, FORECAST, REUSED, Trace, render_map
+
+__all__ = [
+    "BlockRunner", "CacheConfig", "CacheRun", "FORECASTER_KINDS", "MAX_TAYLOR_ORDER", "ForecasterConfig",
+    "TaylorForecaster", "POLICIES", "EasyCache", "FirstBlock", "FixedInterval", "Policy", "TeaCache", "make_policy",
+    "SITE_KINDS", "Site", "TOKEN_SELECTIONS", "TokenConfig", "COMPUTED", "FORECAST", "REUSED", "Trace",
+    "render_map",
+]

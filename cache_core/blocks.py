@@ -13,7 +13,7 @@ import torch
 
 from .engine import CacheRun
 from .policies import INPUT, MODULATED_INPUT, PROBE_RESIDUAL
-from .sites import CACHED, CORRECTOR, PROBE, BlockPlan
+from .sites import CORRECTOR, PROBE, BlockPlan
 from .trace import COMPUTED
 
 ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]

@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
 import comfy.model_patcher
 import comfy.patcher_extension

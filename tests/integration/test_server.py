@@ -16,7 +16,6 @@ import uuid
 
 import pytest
 
-from benchmarks import fixtures
 from benchmarks.graphs import wan_graph, with_cache
 from benchmarks.host import FIXTURE_PACK, REPO_ROOT, comfyui_path
 
