@@ -29,7 +29,7 @@ _METHOD_HELP = {
 
 
 def _build(factory, **settings):
-    """Turn config validation errors into messages that name the node's inputs."""
+    """Build a config; its validation error (which names the setting to change) reaches the user prefixed with the pack's name."""
     try:
         return factory(**settings)
     except ValueError as error:
