@@ -4,6 +4,8 @@ Architecture-neutral: a block is called with an `args` dict whose hidden-state e
 `streams` (e.g. Flux double blocks ("img", "txt"), Wan blocks ("img",)), and `run_block(args)`
 returns a dict with the same stream entries. A filled segment returns input + forecast residual at
 its first block and passes its input through the rest, so skipped blocks cost nothing.
+A verifying policy (SpeCa) runs the first cached block of a filled evaluation for real and checks
+the draft of that block against it before the rest is filled.
 """
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from typing import Callable, Optional
 import torch
 
 from .engine import CacheRun
-from .policies import INPUT, MODULATED_INPUT, PROBE_RESIDUAL
+from .policies import INPUT, MODULATED_INPUT, PROBE_RESIDUAL, Scope, relative_l1
 from .sites import CORRECTOR, PROBE, BlockPlan
-from .trace import COMPUTED
+from .trace import COMPUTED, REJECTED
 
 ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]
 
@@ -40,7 +42,15 @@ class BlockRunner:
         self.plan = plan
         self.streams = streams
         self.modulated_input = modulated_input
-        self.segment_keys = [(seg.key, s) for seg in plan.segments for s in streams[seg.kind]]
+        self.keys = [[(seg.key, s) for s in streams[seg.kind]] for seg in plan.segments]
+        self.scopes = [Scope(seg.key, n, len(plan.segments)) for n, seg in enumerate(plan.segments)]
+        first = plan.segments[0]
+        # The verified block's own residual: the first segment's when that is one block, else a key of its own.
+        own_key = first.key if first.first == first.last else f"{first.key} first block"
+        self.verify_keys = [(own_key, s) for s in streams[first.kind]]
+        self.evaluation_keys = [k for keys in self.keys for k in keys]
+        if run.config.policy.verifies:
+            self.evaluation_keys += [k for k in self.verify_keys if k not in self.evaluation_keys]
         self.call = _Call()
 
     def __call__(self, kind: str, index: int, args: dict, run_block: Callable[[dict], dict],
@@ -81,19 +91,36 @@ class BlockRunner:
 
     def _cached(self, kind, index, g, segment_number, args, run_block, streams):
         segment = self.plan.segments[segment_number]
-        if g == self.plan.decision_block:
+        per_segment = self.run.config.policy.per_segment
+        if g == self.plan.decision_block or (per_segment and index == segment.first):
             self.call.decision_input = args[streams[0]]
-            self.call.compute = self.run.decide(self.segment_keys, self._indicator)
+            if per_segment:
+                self.call.compute = self.run.decide(self.keys[segment_number], self._indicator,
+                                                    self.scopes[segment_number])
+            else:
+                self.call.compute = self.run.decide(self.evaluation_keys, self._indicator)
             self.call.decision_input = None
+            if not self.call.compute and self.run.config.policy.verifies:
+                return self._verified(segment, segment_number, index, g, args, run_block, streams)
         if not self.call.compute:
             self.run.mark(g, self.run.fill_action)
-            if index != segment.first:
-                return {s: args[s] for s in streams}
-            return {s: args[s] + self.run.fill((segment.key, s), args[s]) for s in streams}
+            return self._filled(segment, index, args, streams)
         if index == segment.first:
             self.call.segment_inputs = {s: args[s].clone() for s in streams}
         out = run_block(args)
         self.run.mark(g, COMPUTED)
+        return self._stored(segment, segment_number, index, g, out, streams)
+
+    def _filled(self, segment, index, args, streams):
+        if index != segment.first:
+            return {s: args[s] for s in streams}
+        return {s: args[s] + self.run.fill((segment.key, s), args[s]) for s in streams}
+
+    def _stored(self, segment, segment_number, index, g, out, streams):
+        """Cache what a computed block completes: the verified block's own residual, its segment's residual."""
+        if g == self.plan.decision_block and self.run.config.policy.verifies and index != segment.last:
+            for key, s in self.verify_keys:
+                self.run.store((key, s), out[s] - self.call.segment_inputs[s])
         if index == segment.last:
             for s in streams:
                 self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s])
@@ -102,3 +129,23 @@ class BlockRunner:
                 if reference is not None:
                     self.run.computed(reference)
         return out
+
+    def _verified(self, segment, segment_number, index, g, args, run_block, streams):
+        """SpeCa at the first cached block of a drafted evaluation: run it on its real input and compare its
+        draft (input + forecast residual) with the real output. A rejected draft makes this block the
+        start of a computed evaluation; an accepted one fills the segment (the block's real output
+        stands when it is the whole segment)."""
+        self.call.segment_inputs = {s: args[s].clone() for s in streams}
+        out = run_block(args)
+        if self.run.pending_verification:
+            key, s = self.verify_keys[0]
+            real = self.run.reference_chunk(out[s])
+            draft = self.run.reference_chunk(self.call.segment_inputs[s] + self.run.fill((key, s), out[s]))
+            self.call.compute = not self.run.verify(relative_l1(draft, real))
+        if self.call.compute:
+            self.run.mark(g, REJECTED)
+            return self._stored(segment, segment_number, index, g, out, streams)
+        self.run.mark(g, COMPUTED)  # the verification's work, whether or not its output is used
+        if index == segment.last:
+            return self._stored(segment, segment_number, index, g, out, streams)
+        return self._filled(segment, index, self.call.segment_inputs, streams)

@@ -2,6 +2,8 @@
 
 Decisions are taken once per model evaluation from one reference conditioning (the first uuid of
 the run), so cond and uncond batched together or run in separate calls take the same decisions.
+A per-segment policy takes one decision per cached segment instead, each with its own state: the
+same path, keyed by the segment's scope (None for an evaluation-wide decision).
 Caches are kept per conditioning uuid and per key (a block segment or the whole model).
 """
 from __future__ import annotations
@@ -12,11 +14,12 @@ from typing import Callable, Optional
 
 import torch
 
+from .cfg import CfgBranchCache
 from .forecasters import ForecasterConfig, TaylorForecaster
-from .policies import NO_INDICATOR, PROBE_RESIDUAL, FixedInterval, Policy
+from .policies import NO_INDICATOR, PROBE_RESIDUAL, PROGRESS, FixedInterval, Policy, Scope
 from .sites import Site
 from .tokens import TokenConfig
-from .trace import COMPUTED, FORECAST, REUSED, Trace
+from .trace import COMPUTED, FORECAST, REJECTED, REUSED, Trace
 
 log = logging.getLogger("FeatureCache")
 
@@ -29,6 +32,7 @@ class CacheConfig:
     tokens: Optional[TokenConfig] = None
     offload_to_cpu: bool = False
     memory_budget_mb: float = 0.0  # 0: unlimited
+    cfg_refresh: int = 0  # CFG-branch cache: both branches computed every cfg_refresh evaluations; 0: off
 
     def __post_init__(self):
         if self.policy.indicator == PROBE_RESIDUAL and self.site.probe_blocks < 1:
@@ -39,6 +43,13 @@ class CacheConfig:
             raise ValueError("memory_budget_mb must be >= 0 (0 means unlimited)")
         if self.tokens is not None and not self.site.uses_blocks:
             raise ValueError("token-level recompute needs a block site ('span' or 'blocks'), not 'model'")
+        policy = self.policy
+        if (policy.per_segment or policy.verifies) and not self.site.uses_blocks:
+            what = "decides per block" if policy.per_segment else "verifies its drafts on one computed block"
+            raise ValueError(f"the '{policy.method}' policy {what}: set the site to 'blocks' (or 'span'), not 'model'")
+        if self.cfg_refresh == 1 or self.cfg_refresh < 0:
+            raise ValueError(f"cfg_refresh must be 0 (off) or >= 2 (both branches computed every N steps), "
+                             f"got {self.cfg_refresh}")
 
     def describe(self) -> dict:
         return {
@@ -48,6 +59,7 @@ class CacheConfig:
             "site": self.site.kind,
             "probe_blocks": self.site.probe_blocks,
             "corrector_blocks": self.site.corrector_blocks,
+            "cfg_refresh": self.cfg_refresh,
         }
 
 
@@ -70,15 +82,17 @@ class CacheRun:
         self._reset_state()
 
     def _reset_state(self):
-        self.policy_state = self.config.policy.new_state()
+        self.policy_states: dict = {}  # scope -> PolicyState (scope None: the evaluation-wide decision)
         self.forecasters: dict = {}
         self.cache_bytes = 0
         self.ref_uuid = None
         self.signature = None
-        self.decision: Optional[bool] = None
-        self.indicator = None
-        self.consecutive_fills = 0
+        self.decisions: dict = {}  # scope -> compute? in the current evaluation
+        self.indicators: dict = {}
+        self.consecutive_fills: dict = {}
+        self.pending_verification = False  # a fresh draft of the current evaluation awaits `verify`
         self.uuids: list = []
+        self.cfg = CfgBranchCache(self.config.cfg_refresh) if self.config.cfg_refresh else None
 
     # -- calls and evaluations -------------------------------------------------------------
     def begin_call(self, uuids: list, sigma: float, sample: torch.Tensor) -> None:
@@ -91,11 +105,18 @@ class CacheRun:
         if self.ref_uuid is None:
             self.ref_uuid = uuids[0]
         current = self.trace.evaluations[-1] if self.trace.evaluations else None
-        ref_decided_again = self.ref_uuid in uuids and self.decision is not None
+        ref_decided_again = self.ref_uuid in uuids and bool(self.decisions)
         if current is None or sigma != current.sigma or ref_decided_again:
             self.trace.begin(sigma, self._step_of(sigma))
-            self.decision = None
+            self.decisions = {}
+            self.pending_verification = False
         self.uuids = list(uuids)
+
+    def prefer_reference(self, uuid) -> None:
+        """Take decisions from this conditioning (set before the first call; the CFG-branch cache calls the
+        positive branch alone on its filled steps, so the decisions must come from it)."""
+        if self.ref_uuid is None:
+            self.ref_uuid = uuid
 
     @property
     def sigma(self) -> float:
@@ -105,34 +126,77 @@ class CacheRun:
         steps = self.schedule[:-1] or [sigma]
         return min(range(len(steps)), key=lambda i: abs(steps[i] - sigma))
 
-    def _forced(self) -> bool:
+    def _forced(self, scope) -> bool:
         ev = self.trace.evaluations[-1]
         policy = self.config.policy
         return (self.over_budget
                 or ev.index < policy.warmup_steps
                 or not (self.active_high >= ev.sigma > self.active_low)
-                or (policy.max_consecutive > 0 and self.consecutive_fills >= policy.max_consecutive))
+                or (policy.max_consecutive > 0 and self.consecutive_fills.get(scope, 0) >= policy.max_consecutive))
 
-    def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]]) -> bool:
-        """True to compute. `keys` are the cached values a fill would need for every uuid of the call."""
-        if self.decision is None and self.ref_uuid in self.uuids:
-            kind = self.config.policy.indicator
-            self.indicator = None if kind == NO_INDICATOR else indicator(kind)
-            forced = self._forced() or not self._has_caches(keys, [self.ref_uuid])
-            compute, value = self.policy_state.decide(self.indicator, forced)
-            self.decision = compute
+    def _progress(self) -> torch.Tensor:
+        steps = len(self.schedule) - 1
+        return torch.tensor(self.trace.evaluations[-1].step / max(1, steps - 1))
+
+    def _state(self, scope: Optional[Scope]):
+        if scope not in self.policy_states:
+            policy = self.config.policy
+            self.policy_states[scope] = policy.new_state() if scope is None else policy.new_state(scope)
+        return self.policy_states[scope]
+
+    def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]],
+               scope: Optional[Scope] = None) -> bool:
+        """True to compute. `keys` are the cached values a fill would need for every uuid of the call.
+
+        `scope` names the segment of a per-segment policy's decision; other policies decide once per
+        evaluation and ignore it."""
+        policy = self.config.policy
+        scope = scope if policy.per_segment else None
+        if scope not in self.decisions and self.ref_uuid in self.uuids:
+            kind = policy.indicator
+            value_in = None if kind == NO_INDICATOR else self._progress() if kind == PROGRESS else indicator(kind)
+            forced = self._forced(scope) or not self._has_caches(keys, [self.ref_uuid])
+            compute, value = self._state(scope).decide(value_in, forced)
+            self.decisions[scope] = compute
+            self.indicators[scope] = value_in
             ev = self.trace.evaluations[-1]
-            ev.indicator = value
-            ev.decision = COMPUTED if compute else self.fill_action
-            self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
-        if self.decision is None:  # the reference conditioning has not been seen in this evaluation
+            if scope is None or ev.indicator is None:
+                ev.indicator = value
+            ev.decision = COMPUTED if all(self.decisions.values()) else self.fill_action
+            self.consecutive_fills[scope] = 0 if compute else self.consecutive_fills.get(scope, 0) + 1
+            self.pending_verification = policy.verifies and not compute
+        decision = self.decisions.get(scope)
+        if decision is None:  # the reference conditioning has not been seen in this evaluation
             return True
-        return self.decision or not self._has_caches(keys, self.uuids)
+        return decision or not self._has_caches(keys, self.uuids)
+
+    def verify(self, error: float) -> bool:
+        """A verifying policy's check of the pending draft: `error` is the verified block's relative output
+        error. False rejects the draft: the evaluation is computed instead."""
+        self.pending_verification = False
+        accepted = self._state(None).accept(error)
+        ev = self.trace.evaluations[-1]
+        ev.indicator = error
+        if not accepted:
+            self.decisions[None] = True
+            self.consecutive_fills[None] = 0
+            ev.decision = COMPUTED
+        return accepted
 
     def computed(self, output_ref: torch.Tensor) -> None:
         """Feed the policy the reference chunk's output of a computed evaluation."""
-        if self.ref_uuid in self.uuids and self.decision:
-            self.policy_state.computed(self.indicator, output_ref)
+        if self.ref_uuid in self.uuids and self.decisions.get(None):
+            self._state(None).computed(self.indicators[None], output_ref)
+
+    def cfg_without_negative(self) -> None:
+        """The CFG-branch cache saw a step with no negative branch (cfg 1): said once in the report."""
+        message = "the CFG-branch cache has nothing to do at cfg 1 (no negative branch is computed)"
+        if message not in self.notes:
+            self._note(message)
+
+    def cfg_filled(self, share: float) -> None:
+        """The current evaluation ran the model for this share of its batch (the CFG-branch cache filled the rest)."""
+        self.trace.evaluations[-1].share = share
 
     @property
     def fill_action(self) -> str:
@@ -191,10 +255,12 @@ class CacheRun:
             "evaluations": len(decisions),
             "evaluations_computed": sum(d == COMPUTED for d in decisions),
             "evaluations_filled": sum(d != COMPUTED for d in decisions),
+            "evaluations_rejected": sum(REJECTED in ev.actions for ev in self.trace.evaluations),
+            "evaluations_cfg_filled": sum(ev.share < 1.0 for ev in self.trace.evaluations),
             "cells": self.trace.counts(),
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
-            "peak_cache_bytes": self.peak_bytes,
+            "peak_cache_bytes": self.peak_bytes + (self.cfg.nbytes if self.cfg else 0),
             "notes": list(self.notes),
             "trace": self.trace.to_dict(),
         }

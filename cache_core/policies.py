@@ -7,6 +7,7 @@ the state is told when the engine forces a compute so its accumulators stay cons
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +18,7 @@ NO_INDICATOR = "none"
 INPUT = "input"  # the cached region's input (the model input at the whole-model site)
 MODULATED_INPUT = "modulated_input"  # timestep-modulated input of the first block (TeaCache)
 PROBE_RESIDUAL = "probe_residual"  # residual of the always-computed probe blocks (first-block cache)
+PROGRESS = "progress"  # position in the schedule, 0 at the first step and 1 at the last (a 0-d tensor)
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -39,6 +41,8 @@ class Policy:
     method = "base"
     indicator = NO_INDICATOR
     speed_to_threshold = 1.0  # threshold at speed 1
+    per_segment = False  # True: every cached segment decides on its own (new_state(scope) per segment)
+    verifies = False  # True: a filled evaluation is checked on one really computed block (PolicyState.accept)
 
     def __post_init__(self):
         if not 0.0 <= self.speed <= 1.0:
@@ -59,12 +63,25 @@ class Policy:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class Scope:
+    """The part of the model a per-segment decision is for: cached segment `position` of `count`, front first."""
+
+    key: str
+    position: int
+    count: int
+
+
 class PolicyState:
     def decide(self, indicator: Optional[torch.Tensor], forced: bool) -> tuple[bool, Optional[float]]:
         raise NotImplementedError
 
     def computed(self, indicator: Optional[torch.Tensor], output: torch.Tensor) -> None:
         """Called after every compute with the cached region's output (reference chunk)."""
+
+    def accept(self, error: float) -> bool:
+        """Verifying policies: whether a draft whose verified block has this relative error stands."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -224,7 +241,151 @@ class _ProbeResidualState(PolicyState):
         return compute, value
 
 
-POLICIES = {cls.method: cls for cls in (FixedInterval, TeaCache, EasyCache, FirstBlock)}
+@dataclass(frozen=True)
+class Foresight(Policy):
+    """Foresight: each block reuses its cached residual while its own input stays within its own threshold.
+
+    A segment's change is the relative L1 change of its input since its last compute. Its threshold
+    is set from its own step-to-step input change over the first `calibration_steps` changes (all
+    computed), times speed * `speed_to_threshold`: deep and shallow blocks drift at different
+    rates, so one global threshold would either freeze some or never skip others.
+    """
+
+    calibration_steps: int = 3
+
+    method = "foresight"
+    indicator = INPUT
+    per_segment = True
+    speed_to_threshold = 3.0  # at speed 1 a block waits for 3x its typical per-step change
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.calibration_steps < 1:
+            raise ValueError(f"calibration_steps must be >= 1, got {self.calibration_steps}")
+
+    def new_state(self, scope: Scope):
+        return _LayerThresholdState(self.effective_threshold, self.calibration_steps)
+
+
+class _LayerThresholdState(PolicyState):
+    def __init__(self, scale: float, calibration_steps: int):
+        self.scale = scale
+        self.calibration_steps = calibration_steps
+        self.changes: list[float] = []
+        self.threshold: Optional[float] = None
+        self.input_at_compute: Optional[torch.Tensor] = None
+
+    def decide(self, indicator, forced):
+        if indicator is None:
+            return True, None
+        value = None if self.input_at_compute is None else relative_l1(indicator, self.input_at_compute)
+        if self.threshold is None:  # calibrating: compute, and learn this segment's per-step change
+            if value is not None:
+                self.changes.append(value)
+            if len(self.changes) >= self.calibration_steps:
+                self.threshold = self.scale * sum(self.changes) / len(self.changes)
+            compute = True
+        else:
+            compute = forced or value >= self.threshold
+        if compute:
+            self.input_at_compute = indicator.detach().clone()
+        return compute, value
+
+
+@dataclass(frozen=True)
+class Delta(FixedInterval):
+    """Δ-DiT: between full computes (one in every `interval` evaluations) a window of blocks is filled.
+
+    The window covers a `window` fraction of the cached segments and slides with the schedule from
+    the rear blocks (early steps, where the front blocks shape the outline) to the front blocks
+    (late steps, where the rear blocks refine details); blocks outside it always run. Speed sets
+    the cadence (interval 1..6) and the window (half the segments at speed 0 up to all at speed 1).
+    """
+
+    window: Optional[float] = None
+
+    method = "delta"
+    indicator = PROGRESS
+    per_segment = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.window is not None and not 0.0 < self.window <= 1.0:
+            raise ValueError(f"window must be in (0, 1], got {self.window}")
+
+    @property
+    def effective_window(self) -> float:
+        return self.window if self.window is not None else 0.5 + 0.5 * self.speed
+
+    def window_positions(self, progress: float, count: int) -> range:
+        """The cached segment positions filled at `progress` (0: first step, 1: last) out of `count`."""
+        size = max(1, min(count, math.ceil(self.effective_window * count - 1e-9)))
+        start = round((1.0 - progress) * (count - size))
+        return range(start, start + size)
+
+    def new_state(self, scope: Scope):
+        return _SlidingWindowState(self, scope)
+
+
+class _SlidingWindowState(PolicyState):
+    def __init__(self, policy: Delta, scope: Scope):
+        self.policy = policy
+        self.scope = scope
+        self.evaluations = 0  # the cadence counts evaluations, so every segment computes on the same ones
+
+    def decide(self, indicator, forced):
+        progress = float(indicator)
+        cadence = self.evaluations % self.policy.effective_interval == 0
+        self.evaluations += 1
+        inside = self.scope.position in self.policy.window_positions(progress, self.scope.count)
+        return forced or cadence or not inside, progress
+
+
+@dataclass(frozen=True)
+class SpeCa(Policy):
+    """SpeCa: draft every evaluation with the forecaster, verify it on one block computed from its real input.
+
+    The verified block is the first cached block (everything before it ran, so its input is real and
+    a rejection recomputes the rest of the evaluation with no work lost). The draft stands while the
+    block's relative output error stays within a threshold that decays across the schedule from
+    speed * `speed_to_threshold` to `decay` times that (late steps shape details, so they must be
+    more exact).
+    """
+
+    decay: float = 0.25
+
+    method = "speca"
+    indicator = PROGRESS
+    verifies = True
+    speed_to_threshold = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+
+    def threshold_at(self, progress: float) -> float:
+        return self.effective_threshold * self.decay ** progress
+
+    def new_state(self):
+        return _VerifiedDraftState(self)
+
+
+class _VerifiedDraftState(PolicyState):
+    def __init__(self, policy: SpeCa):
+        self.policy = policy
+        self.threshold = 0.0
+
+    def decide(self, indicator, forced):
+        progress = float(indicator)
+        self.threshold = self.policy.threshold_at(progress)
+        return forced or self.threshold <= 0.0, progress
+
+    def accept(self, error):
+        return error <= self.threshold
+
+
+POLICIES = {cls.method: cls for cls in (FixedInterval, TeaCache, EasyCache, FirstBlock, Foresight, Delta, SpeCa)}
 
 
 def make_policy(method: str, **settings) -> Policy:

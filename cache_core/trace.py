@@ -10,7 +10,9 @@ COMPUTED = "computed"
 REUSED = "reused"
 FORECAST = "forecast"
 PARTIAL = "partial"
-ACTIONS = (COMPUTED, REUSED, FORECAST, PARTIAL)
+REJECTED = "rejected"  # a draft checked against this block's real output and refused: the block was computed
+ACTIONS = (COMPUTED, REUSED, FORECAST, PARTIAL, REJECTED)
+WORK = {COMPUTED: 1.0, REJECTED: 1.0}  # full-equivalent work of a cell per action (fills cost nothing)
 
 
 @dataclass
@@ -21,6 +23,7 @@ class Evaluation:
     actions: list
     indicator: Optional[float] = None
     decision: str = COMPUTED
+    share: float = 1.0  # the part of the batch the model ran for (CFG-branch cache: the positive branch only)
 
 
 @dataclass
@@ -34,19 +37,21 @@ class Trace:
         return ev
 
     def mark(self, row: int, action: str) -> None:
-        """Record the action of a row in the current evaluation; a compute in any call wins over a fill."""
+        """Record the action of a row in the current evaluation; a compute in any call wins over a fill,
+        and a rejected draft stays visible when another call computes the same block."""
         actions = self.evaluations[-1].actions
-        if actions[row] != COMPUTED:
+        if actions[row] not in WORK:
             actions[row] = action
 
     def computed_evaluations(self) -> list[int]:
         return [ev.index for ev in self.evaluations if ev.decision == COMPUTED]
 
     def compute_fraction(self) -> float:
-        cells = [a for ev in self.evaluations for a in ev.actions if a is not None]
+        """Full-equivalent block evaluations / all: computed and rejected cells count, scaled by the batch share."""
+        cells = [(a, ev.share) for ev in self.evaluations for a in ev.actions if a is not None]
         if not cells:
             return 1.0
-        return sum(1.0 if a == COMPUTED else 0.0 for a in cells) / len(cells)
+        return sum(WORK.get(a, 0.0) * share for a, share in cells) / len(cells)
 
     def counts(self) -> dict:
         out = {a: 0 for a in ACTIONS}
@@ -60,7 +65,7 @@ class Trace:
     def from_dict(cls, data: dict) -> "Trace":
         return cls(list(data["rows"]), [
             Evaluation(e["index"], e["sigma"], e["step"], list(e["actions"]), e.get("indicator"),
-                       e.get("decision", COMPUTED))
+                       e.get("decision", COMPUTED), e.get("share", 1.0))
             for e in data["evaluations"]])
 
     def to_dict(self) -> dict:
@@ -68,7 +73,7 @@ class Trace:
             "rows": list(self.rows),
             "evaluations": [
                 {"index": ev.index, "sigma": ev.sigma, "step": ev.step, "decision": ev.decision,
-                 "indicator": ev.indicator, "actions": list(ev.actions)}
+                 "indicator": ev.indicator, "share": ev.share, "actions": list(ev.actions)}
                 for ev in self.evaluations
             ],
         }
@@ -80,6 +85,7 @@ _COLORS = {
     REUSED: (70, 130, 220),
     FORECAST: (80, 190, 110),
     PARTIAL: (230, 180, 60),
+    REJECTED: (170, 60, 200),
 }
 
 

@@ -2,7 +2,8 @@
 
 Nothing of the model is modified: `install` returns a clone carrying an OUTER_SAMPLE wrapper that
 creates a fresh CacheRun per sampling run (dropped in `finally`), plus either an APPLY_MODEL
-wrapper (whole-model site) or `patches_replace["dit"]` entries (block sites).
+wrapper (whole-model site) or `patches_replace["dit"]` entries (block sites), and with the
+CFG-branch cache a CALC_COND_BATCH wrapper (the one place that sees cond and uncond together).
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def install(model, config: CacheConfig, handle: CacheHandle):
     model = model.clone()
     model.model_options["transformer_options"][SETUP_KEY] = CacheSetup(config, adapter, layout, handle)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
+    if config.cfg_refresh:
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, _calc_cond_batch)
     if adapter is None:
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model)
     else:
@@ -145,6 +148,27 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
         return denoised
     run.mark(0, run.fill_action)
     return x - scale * run.fill("model", x)
+
+
+def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, **kwargs):
+    """CFG-branch cache: on a filled step only the positive branch runs; the negative one is the positive
+    output plus the cached branch difference (cfg 1 has no negative branch: nothing to do)."""
+    context: Optional[_RunContext] = model_options.get("transformer_options", {}).get(RUN_KEY)
+    if context is None or len(conds) != 2 or not conds[0]:
+        return executor(model, conds, x_in, timestep, model_options, **kwargs)
+    run = context.run
+    if not conds[1]:
+        run.cfg_without_negative()
+        return executor(model, conds, x_in, timestep, model_options, **kwargs)
+    run.prefer_reference(conds[0][0]["uuid"])
+    sigma = timestep.reshape(-1, *([1] * (x_in.ndim - 1))).to(x_in.dtype)
+    if run.cfg.wants_both(x_in, sigma):
+        out = executor(model, conds, x_in, timestep, model_options, **kwargs)
+        run.cfg.refreshed(out[0], out[1], sigma)
+        return out
+    out = executor(model, [conds[0], None], x_in, timestep, model_options, **kwargs)
+    run.cfg_filled(len(conds[0]) / (len(conds[0]) + len(conds[1])))
+    return [out[0], run.cfg.fill(out[0], sigma)]
 
 
 class BlockPatch:

@@ -25,6 +25,12 @@ _METHOD_HELP = {
     "teacache": "TeaCache: accumulated change of the timestep-modulated input",
     "easycache": "EasyCache: predicted output change from the input change and the transformation rate",
     "first_block": "first-block / DBCache: compare the residual of the probe blocks (needs a block site, probe >= 1)",
+    "foresight": "Foresight: each block reuses while its input changes less than its own threshold, calibrated on "
+                 "the first steps (block sites; 'blocks' decides per block)",
+    "delta": "Δ-DiT: between full computes a window of blocks is filled, sliding from the rear blocks (early "
+             "steps) to the front blocks (late steps) (block sites; 'blocks' decides per block)",
+    "speca": "SpeCa: every step drafted by the forecaster and verified on the first cached block; a draft off by "
+             "more than a threshold that decays over the schedule is computed instead (block sites)",
 }
 
 
@@ -144,6 +150,11 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 CachePolicy.Input("policy", optional=True, tooltip="Default: TeaCache at speed 0.5."),
                 CacheForecaster.Input("forecaster", optional=True, tooltip="Default: reuse."),
                 CacheTokens.Input("tokens", optional=True, tooltip="Token-level partial recompute (not available yet)."),
+                io.Int.Input("cfg_refresh", default=0, min=0, max=100, optional=True,
+                             tooltip="CFG-branch cache (FasterCache): with cfg > 1, the negative (unconditional) "
+                                     "branch is computed only every N steps and filled in between from the positive "
+                                     "branch plus their cached difference, halving the batch on those steps. "
+                                     "0: off; N >= 2. Any site. Does nothing at cfg 1 (the report says so)."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -151,12 +162,12 @@ class ApplyFeatureCacheNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, site, probe_blocks, corrector_blocks, cache_device, memory_budget_mb,
-                policy=None, forecaster=None, tokens=None):
+                policy=None, forecaster=None, tokens=None, cfg_refresh=0):
         site_config = _build(Site, kind=site, probe_blocks=probe_blocks if site != "model" else 0,
                              corrector_blocks=corrector_blocks if site != "model" else 0)
         config = _build(CacheConfig, policy=policy or TeaCache(), forecaster=forecaster or ForecasterConfig(),
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
-                        memory_budget_mb=memory_budget_mb)
+                        memory_budget_mb=memory_budget_mb, cfg_refresh=cfg_refresh)
         return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
 
 
@@ -167,7 +178,8 @@ class CacheMapNode(io.ComfyNode):
             node_id="FeatureCacheMap",
             display_name="Cache Map",
             category=CATEGORY,
-            description="The last run's step x layer map (red computed, blue reused, green forecast) and its report.",
+            description="The last run's step x layer map (red computed, blue reused, green forecast, purple a "
+                        "draft rejected by verification) and its report.",
             inputs=[
                 io.Model.Input("model", tooltip="The output of Apply Feature Cache."),
                 io.Latent.Input("samples", tooltip="The sampler's output: makes this node run after sampling."),

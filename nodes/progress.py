@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from ..cache_core import CacheRun
 
 PROGRESS_EVENT = "feature_cache.progress"
-_LETTERS = {None: "-", "computed": "C", "reused": "R", "forecast": "F", "partial": "P"}
+_LETTERS = {None: "-", "computed": "C", "reused": "R", "forecast": "F", "partial": "P", "rejected": "X"}
 
 
 def _server():
@@ -21,7 +21,7 @@ def _server():
 
 
 def snapshot(run: CacheRun, node_id: str, step: int, total: int, done: bool = False) -> dict:
-    """Compact state of the run: one string per evaluation, one letter per row (C/R/F/P/-)."""
+    """Compact state of the run: one string per evaluation, one letter per row (C/R/F/P/X/-)."""
     return {
         "node": node_id,
         "step": step,

@@ -4,8 +4,8 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const COLORS = { C: "#dc463c", R: "#4682dc", F: "#50be6e", P: "#e6b43c", "-": "#282828" };
-const LETTERS = { computed: "C", reused: "R", forecast: "F", partial: "P" };
+const COLORS = { C: "#dc463c", R: "#4682dc", F: "#50be6e", P: "#e6b43c", X: "#aa3cc8", "-": "#282828" };
+const LETTERS = { computed: "C", reused: "R", forecast: "F", partial: "P", rejected: "X" };
 const MAP_NODES = new Set(["ApplyFeatureCache", "FeatureCacheMap"]);
 
 function ensureWidget(node) {
