@@ -60,7 +60,8 @@ DEFAULT_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@bl
                    "easycache+reuse@model", *COMFY_NODES)
 SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks")
 SPEEDUP_LEVELS = (2.0, 3.0, 5.0)
-OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)@(?P<site>\w+)$")
+OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)@(?P<site>\w+)(?:\+cfg(?P<cfg>\d*))?$")
+CFG_REFRESH = 3  # the `+cfg` marker: CFG-branch cache, both branches every 3rd step (`+cfgN`: every Nth)
 SKIPPED_LINE = re.compile(r"(?:EasyCache|LazyCache) - skipped (\d+)/(\d+) steps")
 
 
@@ -126,13 +127,14 @@ def our_method(host, name: str, speeds) -> Method:
     if not match or match["policy"] not in policies or match["site"] not in sites:
         raise ValueError(f"unknown method '{name}'")
     policy, forecaster, site = match["policy"], match["forecaster"], match["site"]
+    cfg_refresh = 0 if match["cfg"] is None else int(match["cfg"] or CFG_REFRESH)
     forecaster_inputs = (dict(method="reuse", order=0) if forecaster == "reuse"
                          else dict(method="taylor", order=int(forecaster[len("taylor"):])))
 
     def rewrite(graph, setting):
         graph = copy.deepcopy(graph)
         apply_id = _apply_id(graph)
-        graph[apply_id]["inputs"]["site"] = site
+        graph[apply_id]["inputs"].update(site=site, cfg_refresh=cfg_refresh)
         _linked_node(graph, apply_id, "policy", "FeatureCachePolicy").update(method=policy, threshold=-1.0, **setting)
         _linked_node(graph, apply_id, "forecaster", "FeatureCacheForecaster").update(forecaster_inputs)
         _ensure_cache_map(host, graph, apply_id)
@@ -149,7 +151,8 @@ def workflow_method_name(graph: dict) -> str:
     if "forecaster" in apply:
         f = graph[apply["forecaster"][0]]["inputs"]
         forecaster = "reuse" if f["method"] == "reuse" or f["order"] == 0 else f"taylor{f['order']}"
-    return f"{policy}+{forecaster}@{apply['site']}"
+    cfg = apply.get("cfg_refresh", 0)
+    return f"{policy}+{forecaster}@{apply['site']}" + ("" if not cfg else "+cfg" if cfg == CFG_REFRESH else f"+cfg{cfg}")
 
 
 def _parse_value(kind, text: str):
@@ -234,7 +237,8 @@ def build_methods(host, names, quick: bool) -> list[Method]:
             raise ValueError(
                 f"unknown method '{name}'. Available: {', '.join(DEFAULT_METHODS)}; or any POLICY+FORECASTER@SITE with "
                 f"POLICY in {_options(host, 'FeatureCachePolicy', 'method')}, FORECASTER reuse or taylor0..taylor4, "
-                f"SITE in {_options(host, 'ApplyFeatureCache', 'site')}; other packs' nodes: --pack/--node") from None
+                f"SITE in {_options(host, 'ApplyFeatureCache', 'site')}, optionally +cfg or +cfgN (CFG-branch cache "
+                f"refreshed every N steps); other packs' nodes: --pack/--node") from None
     return methods
 
 
