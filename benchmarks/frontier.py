@@ -60,7 +60,9 @@ DEFAULT_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@bl
                    "easycache+reuse@model", *COMFY_NODES)
 SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks")
 SPEEDUP_LEVELS = (2.0, 3.0, 5.0)
-OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)@(?P<site>\w+)(?:\+cfg(?P<cfg>\d*))?$")
+OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)"
+                      r"@(?P<site>[a-z]+)(?::p(?P<probe>\d+))?"
+                      r"(?:\+cfg(?P<cfg>\d*))?$")  # `@blocks:p0`: probe_blocks 0 (default: Apply's)
 CFG_REFRESH = 3  # the `+cfg` marker: CFG-branch cache, both branches every 3rd step (`+cfgN`: every Nth)
 SKIPPED_LINE = re.compile(r"(?:EasyCache|LazyCache) - skipped (\d+)/(\d+) steps")
 
@@ -135,6 +137,8 @@ def our_method(host, name: str, speeds) -> Method:
         graph = copy.deepcopy(graph)
         apply_id = _apply_id(graph)
         graph[apply_id]["inputs"].update(site=site, cfg_refresh=cfg_refresh)
+        if match["probe"] is not None:
+            graph[apply_id]["inputs"]["probe_blocks"] = int(match["probe"])
         _linked_node(graph, apply_id, "policy", "FeatureCachePolicy").update(method=policy, threshold=-1.0, **setting)
         _linked_node(graph, apply_id, "forecaster", "FeatureCacheForecaster").update(forecaster_inputs)
         _ensure_cache_map(host, graph, apply_id)

@@ -12,7 +12,7 @@ import torch
 
 
 class CfgBranchCache:
-    """Both branches computed every `refresh` evaluations (and whenever the input's shape changes)."""
+    """Both branches computed every `refresh` computed evaluations (and whenever the input's shape changes)."""
 
     def __init__(self, refresh: int):
         self.refresh = refresh

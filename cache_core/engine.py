@@ -188,6 +188,10 @@ class CacheRun:
         if self.ref_uuid in self.uuids and self.decisions.get(None):
             self._state(None).computed(self.indicators[None], output_ref)
 
+    def evaluation_computed(self) -> bool:
+        """Whether the latest evaluation ran its cached blocks (all of them) rather than filling them."""
+        return bool(self.trace.evaluations) and self.trace.evaluations[-1].decision == COMPUTED
+
     def cfg_without_negative(self) -> None:
         """The CFG-branch cache saw a step with no negative branch (cfg 1): said once in the report."""
         message = "the CFG-branch cache has nothing to do at cfg 1 (no negative branch is computed)"

@@ -256,7 +256,7 @@ class Foresight(Policy):
     method = "foresight"
     indicator = INPUT
     per_segment = True
-    speed_to_threshold = 3.0  # at speed 1 a block waits for 3x its typical per-step change
+    speed_to_threshold = 30.0  # at speed 1 a block waits for 30x its typical early per-step change
 
     def __post_init__(self):
         super().__post_init__()
@@ -352,12 +352,12 @@ class SpeCa(Policy):
     more exact).
     """
 
-    decay: float = 0.25
+    decay: float = 0.5
 
     method = "speca"
     indicator = PROGRESS
     verifies = True
-    speed_to_threshold = 0.1
+    speed_to_threshold = 0.2
 
     def __post_init__(self):
         super().__post_init__()

@@ -152,7 +152,8 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
 
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, **kwargs):
     """CFG-branch cache: on a filled step only the positive branch runs; the negative one is the positive
-    output plus the cached branch difference (cfg 1 has no negative branch: nothing to do)."""
+    output plus the cached branch difference (cfg 1 has no negative branch: nothing to do). Only
+    evaluations the model computes count: where the feature cache fills, both branches are filled."""
     context: Optional[_RunContext] = model_options.get("transformer_options", {}).get(RUN_KEY)
     if context is None or len(conds) != 2 or not conds[0]:
         return executor(model, conds, x_in, timestep, model_options, **kwargs)
@@ -164,9 +165,12 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, **kw
     sigma = timestep.reshape(-1, *([1] * (x_in.ndim - 1))).to(x_in.dtype)
     if run.cfg.wants_both(x_in, sigma):
         out = executor(model, conds, x_in, timestep, model_options, **kwargs)
-        run.cfg.refreshed(out[0], out[1], sigma)
+        if run.evaluation_computed():  # a difference of two feature-cache fills would refresh nothing
+            run.cfg.refreshed(out[0], out[1], sigma)
         return out
     out = executor(model, [conds[0], None], x_in, timestep, model_options, **kwargs)
+    if not run.evaluation_computed():  # the feature cache fills this step: its fill of the negative branch is as cheap
+        return [out[0], executor(model, [None, conds[1]], x_in, timestep, model_options, **kwargs)[1]]
     run.cfg_filled(len(conds[0]) / (len(conds[0]) + len(conds[1])))
     return [out[0], run.cfg.fill(out[0], sigma)]
 

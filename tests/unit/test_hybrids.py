@@ -13,7 +13,7 @@ def _scope(position, count=2):
 
 
 def test_foresight_calibrates_a_threshold_per_segment_and_decides_each_on_its_own():
-    config = CacheConfig(policy=Foresight(speed=1.0, warmup_steps=0, calibration_steps=2), site=Site("blocks"))
+    config = CacheConfig(policy=Foresight(threshold=3.0, warmup_steps=0, calibration_steps=2), site=Site("blocks"))
     run = CacheRun(config, ["a", "b"], [1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
     slow, fast = torch.ones(4), torch.ones(4)
     decisions = []
@@ -37,7 +37,7 @@ def test_foresight_at_speed_zero_is_bit_identical():
 
 
 def test_foresight_fills_single_blocks_while_others_compute():
-    config = CacheConfig(policy=Foresight(speed=1.0, warmup_steps=0, calibration_steps=1), site=Site("blocks"))
+    config = CacheConfig(policy=Foresight(threshold=3.0, warmup_steps=0, calibration_steps=1), site=Site("blocks"))
     _, run, _ = sample(config)
     mixed = [ev.actions for ev in run.trace.evaluations if COMPUTED in ev.actions and REUSED in ev.actions]
     assert mixed, [ev.actions for ev in run.trace.evaluations]

@@ -8,7 +8,7 @@ from test_caching import _BlockCallCounter, count_block_rows  # noqa: F401 (fixt
 STEPS = 6
 METHODS = [("foresight", "blocks"), ("delta", "blocks"), ("speca", "blocks"), ("speca", "span")]
 # Settings that fill part of a 6-step run of the random-weight fixtures (SpeCa's drafts are off by 15-60% there).
-ENGAGED = {"foresight": {"speed": 1.0}, "delta": {"speed": 0.2}, "speca": {"threshold": 0.5}}
+ENGAGED = {"foresight": {"threshold": 3.0}, "delta": {"speed": 0.2}, "speca": {"threshold": 0.5}}
 WORK = ("computed", "rejected")
 
 
@@ -68,6 +68,18 @@ def test_cfg_branch_cache_halves_the_batch_on_its_filled_steps(family, paths, ru
     rows = _rows_run(count_block_rows)
     assert set(rows.values()) == {int(sum(2 * s for s in shares))}  # every block: 2 rows, 1 on filled steps
     assert not report["notes"]
+
+
+def test_cfg_branch_cache_leaves_feature_cache_fills_to_the_feature_cache(paths, run_graph):
+    """Only computed evaluations are CFG-filled or refresh the difference: a filled step fills both branches."""
+    graph = with_cache(GRAPHS["wan"](paths, steps=STEPS), policy={"method": "fixed", "threshold": 2.0, "warmup_steps": 0},
+                       apply={"site": "model", "cfg_refresh": 3})
+    latent, report = run_graph(graph)
+    evaluations = report["trace"]["evaluations"]
+    assert [e["decision"] for e in evaluations] == ["computed", "reused"] * (STEPS // 2)
+    assert [e["share"] for e in evaluations] == [1.0, 1.0, 0.5, 1.0, 0.5, 1.0]
+    assert report["compute_fraction"] == pytest.approx(2 / STEPS)
+    assert torch.isfinite(latent).all()
 
 
 def test_cfg_branch_cache_at_cfg_1_does_nothing_and_says_so(paths, run_graph):
