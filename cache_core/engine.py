@@ -153,13 +153,13 @@ class CacheRun:
         policy = self.config.policy
         scope = scope if policy.per_segment else None
         if scope not in self.decisions and self.ref_uuid in self.uuids:
+            ev = self.trace.evaluations[-1]
             kind = policy.indicator
             value_in = None if kind == NO_INDICATOR else self._progress() if kind == PROGRESS else indicator(kind)
             forced = self._forced(scope) or not self._has_caches(keys, [self.ref_uuid])
             compute, value = self._state(scope).decide(value_in, forced)
             self.decisions[scope] = compute
             self.indicators[scope] = value_in
-            ev = self.trace.evaluations[-1]
             if scope is None or ev.indicator is None:
                 ev.indicator = value
             ev.decision = COMPUTED if all(self.decisions.values()) else self.fill_action

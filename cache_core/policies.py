@@ -246,9 +246,11 @@ class Foresight(Policy):
     """Foresight: each block reuses its cached residual while its own input stays within its own threshold.
 
     A segment's change is the relative L1 change of its input since its last compute. Its threshold
-    is set from its own step-to-step input change over the first `calibration_steps` changes (all
-    computed), times speed * `speed_to_threshold`: deep and shallow blocks drift at different
-    rates, so one global threshold would either freeze some or never skip others.
+    is speed * `speed_to_threshold` times its own change per evaluation: measured over the first
+    `calibration_steps` evaluations (all computed), then updated at every compute (the change since
+    the previous compute / the evaluations between them, averaged with the previous rate), so a
+    schedule whose steps shrink (karras) lowers it as it goes. Deep and shallow blocks drift at
+    different rates: one global threshold would either freeze some or never skip others.
     """
 
     calibration_steps: int = 3
@@ -256,7 +258,7 @@ class Foresight(Policy):
     method = "foresight"
     indicator = INPUT
     per_segment = True
-    speed_to_threshold = 30.0  # at speed 1 a block waits for 30x its typical early per-step change
+    speed_to_threshold = 12.0  # at speed 1 a block waits until its input moved 12 typical steps
 
     def __post_init__(self):
         super().__post_init__()
@@ -269,26 +271,31 @@ class Foresight(Policy):
 
 class _LayerThresholdState(PolicyState):
     def __init__(self, scale: float, calibration_steps: int):
-        self.scale = scale
+        self.scale = scale  # threshold in units of the segment's change per evaluation
         self.calibration_steps = calibration_steps
-        self.changes: list[float] = []
-        self.threshold: Optional[float] = None
+        self.rates: list[float] = []
+        self.rate: Optional[float] = None
         self.input_at_compute: Optional[torch.Tensor] = None
+        self.since_compute = 0
 
     def decide(self, indicator, forced):
         if indicator is None:
             return True, None
+        self.since_compute += 1
         value = None if self.input_at_compute is None else relative_l1(indicator, self.input_at_compute)
-        if self.threshold is None:  # calibrating: compute, and learn this segment's per-step change
-            if value is not None:
-                self.changes.append(value)
-            if len(self.changes) >= self.calibration_steps:
-                self.threshold = self.scale * sum(self.changes) / len(self.changes)
-            compute = True
-        else:
-            compute = forced or value >= self.threshold
+        calibrating = self.rate is None
+        compute = calibrating or forced or value >= self.scale * self.rate
+        if compute and value is not None:
+            rate = value / self.since_compute
+            if calibrating:
+                self.rates.append(rate)
+                if len(self.rates) >= self.calibration_steps:
+                    self.rate = sum(self.rates) / len(self.rates)
+            else:
+                self.rate = 0.5 * (self.rate + rate)
         if compute:
             self.input_at_compute = indicator.detach().clone()
+            self.since_compute = 0
         return compute, value
 
 

@@ -36,13 +36,6 @@ def test_foresight_at_speed_zero_is_bit_identical():
     assert run.trace.compute_fraction() == 1.0
 
 
-def test_foresight_fills_single_blocks_while_others_compute():
-    config = CacheConfig(policy=Foresight(threshold=3.0, warmup_steps=0, calibration_steps=1), site=Site("blocks"))
-    _, run, _ = sample(config)
-    mixed = [ev.actions for ev in run.trace.evaluations if COMPUTED in ev.actions and REUSED in ev.actions]
-    assert mixed, [ev.actions for ev in run.trace.evaluations]
-
-
 @pytest.mark.parametrize("count", [1, 3, 8])
 def test_delta_window_moves_from_the_rear_to_the_front_and_covers_every_block(count):
     policy = Delta(speed=0.5)
