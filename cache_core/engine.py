@@ -12,7 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .forecasters import ForecasterConfig, TaylorForecaster
+from .forecasters import ForecasterConfig
+from .grid import TokenGrid, grid_for
 from .policies import NO_INDICATOR, PROBE_RESIDUAL, FixedInterval, Policy
 from .sites import Site
 from .tokens import TokenConfig
@@ -136,7 +137,7 @@ class CacheRun:
 
     @property
     def fill_action(self) -> str:
-        return REUSED if self.config.forecaster.order == 0 else FORECAST
+        return REUSED if self.config.forecaster.is_reuse else FORECAST
 
     def mark(self, row: int, action: str) -> None:
         self.trace.mark(row, action)
@@ -145,8 +146,10 @@ class CacheRun:
     def _has_caches(self, keys, uuids) -> bool:
         return all((k, u) in self.forecasters for k in keys for u in uuids)
 
-    def store(self, key, values: torch.Tensor) -> None:
-        """Record a computed value (batched over the call's uuids) at the current sigma."""
+    def store(self, key, values: torch.Tensor, grid: Optional[TokenGrid] = None) -> None:
+        """Record a computed value (batched over the call's uuids) at the current sigma.
+
+        `grid` locates the value's image tokens (for frequency-aware forecasters); None if unknown."""
         if self.over_budget:
             return
         n = len(self.uuids)
@@ -154,7 +157,7 @@ class CacheRun:
             forecaster = self.forecasters.get((key, uuid))
             if forecaster is None:
                 store_device = torch.device("cpu") if self.config.offload_to_cpu else None
-                forecaster = TaylorForecaster(self.config.forecaster.order, store_device)
+                forecaster = self.config.forecaster.new_state(store_device, grid_for(chunk(values, n, i), grid))
                 self.forecasters[(key, uuid)] = forecaster
             before = forecaster.nbytes
             forecaster.update(self.sigma, chunk(values, n, i))

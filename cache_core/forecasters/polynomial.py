@@ -1,45 +1,18 @@
-"""How a skipped computation is filled: forecasters over a site's history of computed values.
+"""Polynomial forecasters in sigma: Taylor (TaylorSeer) and its relatives.
 
 Time is the sampler's own variable (sigma), never a step index, so non-uniform schedules and
 solvers that evaluate the model several times per step are forecast correctly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-MAX_TAYLOR_ORDER = 4
+from .history import Forecaster, nbytes, repeated_index, stored
 
 
-@dataclass(frozen=True)
-class ForecasterConfig:
-    """`order` 0 is plain reuse of the last computed value; 1-4 extrapolate a polynomial in sigma."""
-
-    kind: str = "reuse"
-    order: int = 0
-
-    def __post_init__(self):
-        if self.kind not in FORECASTER_KINDS:
-            raise ValueError(f"unknown forecaster '{self.kind}'; available: {', '.join(FORECASTER_KINDS)}")
-        if not 0 <= self.order <= MAX_TAYLOR_ORDER:
-            raise ValueError(f"forecaster order must be between 0 and {MAX_TAYLOR_ORDER}, got {self.order}")
-        if self.kind == "reuse" and self.order != 0:
-            raise ValueError("the 'reuse' forecaster has order 0; choose 'taylor' for order 1-4")
-
-    @property
-    def label(self) -> str:
-        return "reuse" if self.order == 0 else f"{self.kind}{self.order}"
-
-    def new_state(self) -> "TaylorForecaster":
-        return TaylorForecaster(self.order)
-
-
-FORECASTER_KINDS = ("reuse", "taylor")
-
-
-class TaylorForecaster:
+class TaylorForecaster(Forecaster):
     """Taylor expansion about the newest computed point, with derivatives from divided differences.
 
     The Newton form P(t) = sum_j D_j * prod_{i<j} (t - t_i) over the last order+1 computed points
@@ -56,13 +29,12 @@ class TaylorForecaster:
         self.dtype: Optional[torch.dtype] = None
 
     def update(self, t: float, value: torch.Tensor) -> None:
-        if self.times and t == self.times[0]:
-            self.times, self.diffs = [], []  # same time twice: a restarted trajectory, not a new point
+        repeated = repeated_index(self.times, t)
+        if repeated is not None:  # diffs[j] involves t_0..t_j only: the points newer than the repeat stay valid
+            self.times, self.diffs = self.times[:repeated], self.diffs[:repeated]
         self.dtype = value.dtype
-        target = self.store_device or value.device
         precision = torch.promote_types(value.dtype, torch.float32) if self.order > 0 else value.dtype
-        work = value.detach().to(device=target, dtype=precision, copy=True)
-        new_diffs = [work]
+        new_diffs = [stored(value, self.store_device, precision)]
         for j in range(1, min(self.order, len(self.diffs)) + 1):
             new_diffs.append((new_diffs[j - 1] - self.diffs[j - 1]) / (t - self.times[j - 1]))
         self.diffs = new_diffs
@@ -73,8 +45,7 @@ class TaylorForecaster:
         return bool(self.diffs)
 
     def predict(self, t: float, device: Optional[torch.device] = None) -> torch.Tensor:
-        if not self.diffs:
-            raise RuntimeError("forecast requested before any value was computed")
+        self._require()
         out = self.diffs[0].clone()
         weight = 1.0
         for j in range(1, len(self.diffs)):
@@ -82,6 +53,10 @@ class TaylorForecaster:
             out.add_(self.diffs[j], alpha=weight)
         return out.to(device=device or out.device, dtype=self.dtype)
 
+    def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        self._require()
+        return self.diffs[0].to(device=device or self.diffs[0].device, dtype=self.dtype)
+
     @property
     def nbytes(self) -> int:
-        return sum(d.numel() * d.element_size() for d in self.diffs)
+        return nbytes(self.diffs)

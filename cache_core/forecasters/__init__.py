@@ -1,0 +1,6 @@
+"""How a skipped computation is filled: forecasters over a site's history of computed values."""
+from .config import FORECASTER_KINDS, MAX_TAYLOR_ORDER, ForecasterConfig
+from .history import Forecaster
+from .polynomial import TaylorForecaster
+
+__all__ = ["FORECASTER_KINDS", "MAX_TAYLOR_ORDER", "Forecaster", "ForecasterConfig", "TaylorForecaster"]
