@@ -20,6 +20,9 @@ from .tokens import TokenConfig
 from .trace import COMPUTED, FORECAST, REUSED, Trace
 
 log = logging.getLogger("FeatureCache")
+# A fill's forecast must have a norm within [min / GUARD_BAND, max * GUARD_BAND] of the norms of the
+# values computed for it so far; outside (or not finite) it is an overshoot and reuse replaces it.
+GUARD_BAND = 2.0
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,15 @@ class CacheRun:
         self.notes: list[str] = []
         self.peak_bytes = 0
         self.over_budget = False
+        self.guarded_fills = 0
+        self.guard_computes = 0
         self._reset_state()
 
     def _reset_state(self):
         self.policy_state = self.config.policy.new_state()
         self.forecasters: dict = {}
+        self.norm_bands: dict = {}  # (key, uuid) -> (min, max) norm of its computed values, 0-dim tensors
+        self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
         self.cache_bytes = 0
         self.ref_uuid = None
         self.signature = None
@@ -97,6 +104,7 @@ class CacheRun:
             self.trace.begin(sigma, self._step_of(sigma))
             self.decision = None
         self.uuids = list(uuids)
+        self.prepared = {}
 
     @property
     def sigma(self) -> float:
@@ -128,7 +136,37 @@ class CacheRun:
             self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
         if self.decision is None:  # the reference conditioning has not been seen in this evaluation
             return True
-        return self.decision or not self._has_caches(keys, self.uuids)
+        if self.decision or not self._has_caches(keys, self.uuids):
+            return True
+        if self._prepare_fills(keys):
+            return False
+        self.guard_computes += 1
+        if self.ref_uuid in self.uuids:  # no safe fill: this evaluation computes after all
+            self.decision = True
+            self.trace.evaluations[-1].decision = COMPUTED
+            self.consecutive_fills = 0
+        return True
+
+    def _prepare_fills(self, keys) -> bool:
+        """Forecast every value this call fills and check it: a non-finite forecast, or one whose norm leaves
+        the band of the computed values' norms, is replaced by the last computed value. False when some value
+        has no safe fill (its last computed value is not finite either)."""
+        self.prepared = {(k, u): self.forecasters[(k, u)].predict(self.sigma) for k in keys for u in self.uuids}
+        checks = []
+        for slot, forecast in self.prepared.items():
+            low, high = self.norm_bands[slot]
+            norm = forecast.float().norm()
+            checks.append(torch.isfinite(norm) & (norm <= GUARD_BAND * high) & (norm >= low / GUARD_BAND))
+        for slot, safe in zip(list(self.prepared), torch.stack(checks).tolist()):
+            if safe:
+                continue
+            latest = self.forecasters[slot].latest()
+            if not bool(torch.isfinite(latest).all()):
+                self.prepared = {}
+                return False
+            self.prepared[slot] = latest
+            self.guarded_fills += 1
+        return True
 
     def computed(self, output_ref: torch.Tensor) -> None:
         """Feed the policy the reference chunk's output of a computed evaluation."""
@@ -160,8 +198,12 @@ class CacheRun:
                 forecaster = self.config.forecaster.new_state(store_device, grid_for(chunk(values, n, i), grid))
                 self.forecasters[(key, uuid)] = forecaster
             before = forecaster.nbytes
-            forecaster.update(self.sigma, chunk(values, n, i))
+            value = chunk(values, n, i)
+            forecaster.update(self.sigma, value)
             self.cache_bytes += forecaster.nbytes - before
+            norm = value.detach().float().norm()
+            low, high = self.norm_bands.get((key, uuid), (norm, norm))
+            self.norm_bands[(key, uuid)] = (torch.minimum(low, norm), torch.maximum(high, norm))
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes)
         budget = self.config.memory_budget_mb * 2**20
         if budget and self.cache_bytes > budget:
@@ -169,11 +211,12 @@ class CacheRun:
                        f"{self.config.memory_budget_mb} MiB: caching stopped for the rest of this run")
             self.over_budget = True
             self.forecasters.clear()
+            self.norm_bands.clear()
             self.cache_bytes = 0
 
     def fill(self, key, like: torch.Tensor) -> torch.Tensor:
-        """The forecast value of `key` at the current sigma for every uuid of the call, batched like `like`."""
-        parts = [self.forecasters[(key, u)].predict(self.sigma, like.device) for u in self.uuids]
+        """The checked forecast of `key` at the current sigma for every uuid of the call, batched like `like`."""
+        parts = [self.prepared.pop((key, u)).to(like.device) for u in self.uuids]
         return torch.cat(parts, dim=0)
 
     def reference_chunk(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
@@ -189,6 +232,13 @@ class CacheRun:
     def report(self) -> dict:
         fraction = self.trace.compute_fraction()
         decisions = [ev.decision for ev in self.trace.evaluations]
+        notes = list(self.notes)
+        if self.guarded_fills:
+            notes.append(f"{self.guarded_fills} forecast fills were not finite or overshot (norm outside "
+                         f"[1/{GUARD_BAND:g}, {GUARD_BAND:g}] x the computed values' range): replaced by the last "
+                         "computed value")
+        if self.guard_computes:
+            notes.append(f"{self.guard_computes} calls computed because a cached value was not finite")
         return {
             **self.config.describe(),
             "evaluations": len(decisions),
@@ -198,6 +248,7 @@ class CacheRun:
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
             "peak_cache_bytes": self.peak_bytes,
-            "notes": list(self.notes),
+            "guarded_fills": self.guarded_fills,
+            "notes": notes,
             "trace": self.trace.to_dict(),
         }
