@@ -9,8 +9,8 @@ from .tokens import TOKEN_SELECTIONS, TokenConfig
 from .trace import COMPUTED, FORECAST, REUSED, Trace, render_map
 
 __all__ = [
-    "BlockRunner", "CacheConfig", "CacheRun", "FORECASTER_KINDS", "MAX_TAYLOR_ORDER", "ORDERS", "Forecaster", "ForecasterConfig",
-    "TaylorForecaster", "TokenGrid", "POLICIES", "EasyCache", "FirstBlock", "FixedInterval", "Policy", "TeaCache", "make_policy",
-    "SITE_KINDS", "Site", "TOKEN_SELECTIONS", "TokenConfig", "COMPUTED", "FORECAST", "REUSED", "Trace",
-    "render_map",
+    "BlockRunner", "CacheConfig", "CacheRun", "FORECASTER_KINDS", "MAX_TAYLOR_ORDER", "ORDERS", "Forecaster",
+    "ForecasterConfig", "TaylorForecaster", "TokenGrid", "POLICIES", "EasyCache", "FirstBlock", "FixedInterval",
+    "Policy", "TeaCache", "make_policy", "SITE_KINDS", "Site", "TOKEN_SELECTIONS", "TokenConfig", "COMPUTED",
+    "FORECAST", "REUSED", "Trace", "render_map",
 ]

@@ -1,4 +1,4 @@
-"""One description per architecture: its block kinds, their hidden streams, its image-token grid and its TeaCache indicator.
+"""One description per architecture: block kinds, hidden streams, image-token grid and TeaCache indicator.
 
 Everything else (hooks, the engine) is shared. A family is supported at block sites when its
 forward offers `patches_replace["dit"]` for every block; the whole-model site works on any model.

@@ -11,8 +11,8 @@ from comfy_api.latest import ComfyExtension, io
 
 import folder_paths
 
-from ..cache_core import (FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES, SITE_KINDS, TOKEN_SELECTIONS, CacheConfig,
-                          ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy, render_map)
+from ..cache_core import (FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES, SITE_KINDS, TOKEN_SELECTIONS,
+                          CacheConfig, ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy, render_map)
 from .integration import SETUP_KEY, CacheHandle, install
 
 CachePolicy = io.Custom("CACHE_POLICY")

@@ -45,7 +45,8 @@ def test_adams_bashforth_of_order_k_is_not_exact_at_degree_k():
 
 
 def test_adams_bashforth_uses_the_published_uniform_weights():
-    f = _feed(ForecasterConfig("ab", 3), [0.6, 0.5, 0.4], [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([4.0])])
+    values = [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([4.0])]
+    f = _feed(ForecasterConfig("ab", 3), [0.6, 0.5, 0.4], values)
     assert f.predict(0.3).item() == pytest.approx(3 * 4 - 3 * 2 + 1)  # 3 F_n - 3 F_n-1 + F_n-2
 
 
