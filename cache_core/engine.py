@@ -80,6 +80,8 @@ class CacheRun:
         self.forecasters: dict = {}
         self.norm_bands: dict = {}  # (key, uuid) -> (min, max) norm of its computed values, 0-dim tensors
         self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
+        self.guarded_keys: set = set()
+        self.shared: dict = {}  # key -> state its forecasters share across conditionings
         self.cache_bytes = 0
         self.ref_uuid = None
         self.signature = None
@@ -103,6 +105,7 @@ class CacheRun:
         if current is None or sigma != current.sigma or ref_decided_again:
             self.trace.begin(sigma, self._step_of(sigma))
             self.decision = None
+            self.guarded_keys = set()  # keys whose fills this evaluation fall back to reuse
         self.uuids = list(uuids)
         self.prepared = {}
 
@@ -149,16 +152,19 @@ class CacheRun:
 
     def _prepare_fills(self, keys) -> bool:
         """Forecast every value this call fills and check it: a non-finite forecast, or one whose norm leaves
-        the band of the computed values' norms, is replaced by the last computed value. False when some value
-        has no safe fill (its last computed value is not finite either)."""
+        the band of the computed values' norms, makes its key fill with the last computed value for every
+        conditioning of the evaluation (cond and uncond filled alike, so CFG does not amplify a difference).
+        False when some value has no safe fill (its last computed value is not finite either)."""
         self.prepared = {(k, u): self.forecasters[(k, u)].predict(self.sigma) for k in keys for u in self.uuids}
         checks = []
         for slot, forecast in self.prepared.items():
             low, high = self.norm_bands[slot]
             norm = forecast.float().norm()
             checks.append(torch.isfinite(norm) & (norm <= GUARD_BAND * high) & (norm >= low / GUARD_BAND))
-        for slot, safe in zip(list(self.prepared), torch.stack(checks).tolist()):
-            if safe:
+        unsafe = {slot[0] for slot, safe in zip(list(self.prepared), torch.stack(checks).tolist()) if not safe}
+        self.guarded_keys |= unsafe
+        for slot in self.prepared:
+            if slot[0] not in self.guarded_keys:
                 continue
             latest = self.forecasters[slot].latest()
             if not bool(torch.isfinite(latest).all()):
@@ -195,7 +201,8 @@ class CacheRun:
             forecaster = self.forecasters.get((key, uuid))
             if forecaster is None:
                 store_device = torch.device("cpu") if self.config.offload_to_cpu else None
-                forecaster = self.config.forecaster.new_state(store_device, grid_for(chunk(values, n, i), grid))
+                forecaster = self.config.forecaster.new_state(store_device, grid_for(chunk(values, n, i), grid),
+                                                              self.shared.setdefault(key, {}))
                 self.forecasters[(key, uuid)] = forecaster
             before = forecaster.nbytes
             value = chunk(values, n, i)
@@ -212,6 +219,7 @@ class CacheRun:
             self.over_budget = True
             self.forecasters.clear()
             self.norm_bands.clear()
+            self.shared.clear()
             self.cache_bytes = 0
 
     def fill(self, key, like: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from ..grid import TokenGrid
 from .frequency import FrequencyForecaster
 from .history import Forecaster
-from .hybrid import HybridForecaster
+from .hybrid import HybridForecaster, Selection
 from .polynomial import AdamsBashforthForecaster, FoCaForecaster, HermiteForecaster, TaylorForecaster
 from .spectrum import SpectrumForecaster
 
@@ -88,9 +88,10 @@ class ForecasterConfig:
     def from_dict(cls, data: dict) -> "ForecasterConfig":
         return cls(**data)
 
-    def new_state(self, store_device: Optional[torch.device] = None,
-                  grid: Optional[TokenGrid] = None) -> Forecaster:
-        """A fresh forecaster for one cached value; `grid` locates its image tokens (None: unknown)."""
+    def new_state(self, store_device: Optional[torch.device] = None, grid: Optional[TokenGrid] = None,
+                  shared: Optional[dict] = None) -> Forecaster:
+        """A fresh forecaster for one cached value of one conditioning; `grid` locates its image tokens (None:
+        unknown); `shared` is one dict per cached value, common to its forecasters of every conditioning."""
         kind = self.kind
         if kind in ("reuse", "taylor"):
             return TaylorForecaster(self.order, store_device)
@@ -106,4 +107,5 @@ class ForecasterConfig:
             return FrequencyForecaster(self.cutoff, self.contraction, grid, store_device)
         candidates = {ForecasterConfig(k, o).label: ForecasterConfig(k, o, contraction=self.contraction).new_state(
             store_device, grid) for k, o in HYBRID_CANDIDATES}
-        return HybridForecaster(candidates, self.groups, grid.feature_dim if grid is not None else -1)
+        selection = (shared if shared is not None else {}).setdefault("hyca", Selection())
+        return HybridForecaster(candidates, self.groups, grid.feature_dim if grid is not None else -1, selection)

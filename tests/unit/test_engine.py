@@ -234,15 +234,15 @@ def test_every_forecaster_kind_fills_block_sites_end_to_end(kind):
         assert not torch.allclose(outs[-1], reuse[-1])
 
 
-def _two_uuid_run(forecaster=ForecasterConfig("taylor", 1)):
-    """Computed at sigma 1.0 and 0.8, then a fill at 0.6 (interval 3)."""
+def _two_uuid_run(forecaster=ForecasterConfig("taylor", 1), fill_call=("c", "u")):
+    """Computed at sigma 1.0 and 0.8, then the call `fill_call` fills at 0.6 (interval 3)."""
     config = CacheConfig(policy=FixedInterval(interval=3, warmup_steps=2), forecaster=forecaster)
     run = CacheRun(config, ["model"], [1.0, 0.8, 0.6, 0.4, 0.0])
     for sigma, value in ((1.0, 1.0), (0.8, 2.0)):
         run.begin_call(["c", "u"], sigma, torch.zeros(2, 3))
         assert run.decide(["model"], lambda kind: None)
         run.store("model", torch.full((2, 3), value))
-    run.begin_call(["c", "u"], 0.6, torch.zeros(2, 3))
+    run.begin_call(list(fill_call), 0.6, torch.zeros(len(fill_call), 3))
     return run
 
 
@@ -252,10 +252,21 @@ def test_guard_replaces_a_non_finite_or_overshooting_forecast_by_the_last_comput
     run.forecasters[("model", "u")].predict = lambda t, device=None: torch.full((1, 3), bad)
     assert not run.decide(["model"], lambda kind: None)
     filled = run.fill("model", torch.zeros(2, 3))
-    assert torch.allclose(filled[0], torch.full((3,), 3.0))  # c: the line through (1, 1), (0.8, 2) at 0.6
-    assert torch.equal(filled[1], torch.full((3,), 2.0))  # u: reuse of the value computed at 0.8
+    # both conditionings reuse the value computed at 0.8 (c's line through (1, 1), (0.8, 2) would give 3):
+    # cond forecast and uncond reused would let CFG amplify their difference
+    assert torch.equal(filled, torch.full((2, 3), 2.0))
     report = run.report()
-    assert report["guarded_fills"] == 1 and any("replaced by the last computed value" in n for n in report["notes"])
+    assert report["guarded_fills"] == 2 and any("replaced by the last computed value" in n for n in report["notes"])
+
+
+def test_guard_keeps_the_fallback_for_the_later_calls_of_the_evaluation():
+    run = _two_uuid_run(fill_call=("c",))  # cond and uncond in separate calls: c's forecast overshoots
+    run.forecasters[("model", "c")].predict = lambda t, device=None: torch.full((1, 3), 50.0)
+    assert not run.decide(["model"], lambda kind: None)
+    assert torch.equal(run.fill("model", torch.zeros(1, 3)), torch.full((1, 3), 2.0))
+    run.begin_call(["u"], 0.6, torch.zeros(1, 3))
+    assert not run.decide(["model"], lambda kind: None)
+    assert torch.equal(run.fill("model", torch.zeros(1, 3)), torch.full((1, 3), 2.0))  # u's line would give 3
 
 
 def test_guard_computes_when_no_cached_value_is_finite():

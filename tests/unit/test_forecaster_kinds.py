@@ -190,3 +190,17 @@ def test_configs_are_picklable_and_round_trip():
     assert pickle.loads(pickle.dumps(config)) == config == ForecasterConfig.from_dict(config.to_dict())
     assert [ForecasterConfig(k).label for k in FORECASTER_KINDS] == [
         "reuse", "taylor2", "hicache", "ab2", "foca", "spectrum", "freqca", "hyca"]
+
+
+def test_hyca_takes_one_choice_for_every_conditioning_of_a_value():
+    """With CFG, cond forecast and uncond reused would amplify their difference: the choice is shared."""
+    times = _grid_times(6, 5)
+    shared = {}
+    config = ForecasterConfig("hyca", groups=2)
+    cond, uncond = config.new_state(grid=GRID, shared=shared), config.new_state(grid=GRID, shared=shared)
+    trend, still = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    for t in times:
+        cond.update(t, trend * t)  # alone it would choose a forecast
+        uncond.update(t, still + 0.001 * torch.randn(1, 2, 4, 4))  # alone it would choose reuse
+    assert cond.choice is not None and cond.choice == uncond.choice
+    assert set(cond.candidates) == set(uncond.candidates) == set(cond.choice)
