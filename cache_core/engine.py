@@ -158,8 +158,8 @@ class CacheRun:
         self.prepared = {(k, u): self.forecasters[(k, u)].predict(self.sigma) for k in keys for u in self.uuids}
         checks = []
         for slot, forecast in self.prepared.items():
-            low, high = self.norm_bands[slot]
             norm = forecast.float().norm()
+            low, high = (bound.to(norm.device) for bound in self.norm_bands[slot])  # caches may be offloaded
             checks.append(torch.isfinite(norm) & (norm <= GUARD_BAND * high) & (norm >= low / GUARD_BAND))
         unsafe = {slot[0] for slot, safe in zip(list(self.prepared), torch.stack(checks).tolist()) if not safe}
         self.guarded_keys |= unsafe
