@@ -60,10 +60,10 @@ DEFAULT_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@bl
                    "easycache+reuse@model", *COMFY_NODES)
 SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks")
 SPEEDUP_LEVELS = (2.0, 3.0, 5.0)
-OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)"
-                      r"@(?P<site>[a-z]+)(?::p(?P<probe>\d+))?"
-                      r"(?:\+cfg(?P<cfg>\d*))?$")  # `@blocks:p0`: probe_blocks 0 (default: Apply's)
+OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d|hicache\d?|ab\d|foca|spectrum|freqca|hyca)"
+                      r"@(?P<site>\w+)(?::p(?P<probe>\d+))?(?:\+cfg(?P<cfg>\d*))?$")  # `:p0`: probe_blocks 0
 CFG_REFRESH = 3  # the `+cfg` marker: CFG-branch cache, both branches every 3rd step (`+cfgN`: every Nth)
+FORECASTER_TOKEN = re.compile(r"^(?P<kind>[a-z]+?)(?P<order>\d?)$")
 SKIPPED_LINE = re.compile(r"(?:EasyCache|LazyCache) - skipped (\d+)/(\d+) steps")
 
 
@@ -130,8 +130,8 @@ def our_method(host, name: str, speeds) -> Method:
         raise ValueError(f"unknown method '{name}'")
     policy, forecaster, site = match["policy"], match["forecaster"], match["site"]
     cfg_refresh = 0 if match["cfg"] is None else int(match["cfg"] or CFG_REFRESH)
-    forecaster_inputs = (dict(method="reuse", order=0) if forecaster == "reuse"
-                         else dict(method="taylor", order=int(forecaster[len("taylor"):])))
+    token = FORECASTER_TOKEN.match(forecaster)
+    forecaster_inputs = dict(method=token["kind"], order=int(token["order"] or graphs.FORECASTER_DEFAULTS["order"]))
 
     def rewrite(graph, setting):
         graph = copy.deepcopy(graph)
@@ -154,7 +154,11 @@ def workflow_method_name(graph: dict) -> str:
     forecaster = "reuse"
     if "forecaster" in apply:
         f = graph[apply["forecaster"][0]]["inputs"]
-        forecaster = "reuse" if f["method"] == "reuse" or f["order"] == 0 else f"taylor{f['order']}"
+        default_order = graphs.FORECASTER_DEFAULTS["order"]
+        forecaster = ("reuse" if f["method"] == "reuse" or (f["method"] == "taylor" and f["order"] == 0)
+                      else f"{f['method']}{f['order']}" if f["method"] in ("taylor", "ab")
+                      else f"hicache{f['order']}" if f["method"] == "hicache" and f["order"] != default_order
+                      else f["method"])
     cfg = apply.get("cfg_refresh", 0)
     return f"{policy}+{forecaster}@{apply['site']}" + ("" if not cfg else "+cfg" if cfg == CFG_REFRESH else f"+cfg{cfg}")
 
@@ -241,8 +245,8 @@ def build_methods(host, names, quick: bool) -> list[Method]:
             raise ValueError(
                 f"unknown method '{name}'. Available: {', '.join(DEFAULT_METHODS)}; or any POLICY+FORECASTER@SITE with "
                 f"POLICY in {_options(host, 'FeatureCachePolicy', 'method')}, FORECASTER reuse or taylor0..taylor4, "
-                f"SITE in {_options(host, 'ApplyFeatureCache', 'site')}, optionally +cfg or +cfgN (CFG-branch cache "
-                f"refreshed every N steps); other packs' nodes: --pack/--node") from None
+                f"SITE in {_options(host, 'ApplyFeatureCache', 'site')}, optionally :pN (probe_blocks N) and +cfg or +cfgN "
+                f"(CFG-branch cache refreshed every N steps); other packs' nodes: --pack/--node") from None
     return methods
 
 

@@ -4,7 +4,7 @@ Architecture-neutral: a block is called with an `args` dict whose hidden-state e
 `streams` (e.g. Flux double blocks ("img", "txt"), Wan blocks ("img",)), and `run_block(args)`
 returns a dict with the same stream entries. A filled segment returns input + forecast residual at
 its first block and passes its input through the rest, so skipped blocks cost nothing.
-A verifying policy (SpeCa) runs the first cached block of a filled evaluation for real and checks
+A verifying policy (SpeCa) runs the first cached block of a drafted evaluation for real and checks
 the draft of that block against it before the rest is filled.
 """
 from __future__ import annotations
@@ -14,11 +14,13 @@ from typing import Callable, Optional
 import torch
 
 from .engine import CacheRun
+from .grid import TokenGrid
 from .policies import INPUT, MODULATED_INPUT, PROBE_RESIDUAL, Scope, relative_l1
 from .sites import CORRECTOR, PROBE, BlockPlan
 from .trace import COMPUTED, REJECTED
 
 ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]
+TokenGridOf = Callable[[str, str], Optional[TokenGrid]]  # (block kind, stream) -> its image-token grid
 
 # Blocks may update their input in place (Flux does), so anything read after a block ran is a copy.
 
@@ -37,11 +39,13 @@ class _Call:
 
 
 class BlockRunner:
-    def __init__(self, run: CacheRun, plan: BlockPlan, streams: dict, modulated_input: Optional[ModulatedInput] = None):
+    def __init__(self, run: CacheRun, plan: BlockPlan, streams: dict, modulated_input: Optional[ModulatedInput] = None,
+                 token_grid: Optional[TokenGridOf] = None):
         self.run = run
         self.plan = plan
         self.streams = streams
         self.modulated_input = modulated_input
+        self.token_grid = token_grid
         self.keys = [[(seg.key, s) for s in streams[seg.kind]] for seg in plan.segments]
         self.scopes = [Scope(seg.key, n, len(plan.segments)) for n, seg in enumerate(plan.segments)]
         first = plan.segments[0]
@@ -101,7 +105,7 @@ class BlockRunner:
                 self.call.compute = self.run.decide(self.evaluation_keys, self._indicator)
             self.call.decision_input = None
             if not self.call.compute and self.run.config.policy.verifies:
-                return self._verified(segment, segment_number, index, g, args, run_block, streams)
+                return self._verified(kind, segment, segment_number, index, g, args, run_block, streams)
         if not self.call.compute:
             self.run.mark(g, self.run.fill_action)
             return self._filled(segment, index, args, streams)
@@ -109,28 +113,29 @@ class BlockRunner:
             self.call.segment_inputs = {s: args[s].clone() for s in streams}
         out = run_block(args)
         self.run.mark(g, COMPUTED)
-        return self._stored(segment, segment_number, index, g, out, streams)
+        return self._stored(kind, segment, segment_number, index, g, out, streams)
 
     def _filled(self, segment, index, args, streams):
         if index != segment.first:
             return {s: args[s] for s in streams}
         return {s: args[s] + self.run.fill((segment.key, s), args[s]) for s in streams}
 
-    def _stored(self, segment, segment_number, index, g, out, streams):
+    def _stored(self, kind, segment, segment_number, index, g, out, streams):
         """Cache what a computed block completes: the verified block's own residual, its segment's residual."""
+        grids = {s: self.token_grid(kind, s) if self.token_grid else None for s in streams}
         if g == self.plan.decision_block and self.run.config.policy.verifies and index != segment.last:
             for key, s in self.verify_keys:
-                self.run.store((key, s), out[s] - self.call.segment_inputs[s])
+                self.run.store((key, s), out[s] - self.call.segment_inputs[s], grids[s])
         if index == segment.last:
             for s in streams:
-                self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s])
+                self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s], grids[s])
             if segment_number == 0:
                 reference = self.run.reference_chunk(out[streams[0]])
                 if reference is not None:
                     self.run.computed(reference)
         return out
 
-    def _verified(self, segment, segment_number, index, g, args, run_block, streams):
+    def _verified(self, kind, segment, segment_number, index, g, args, run_block, streams):
         """SpeCa at the first cached block of a drafted evaluation: run it on its real input and compare its
         draft (input + forecast residual) with the real output. A rejected draft makes this block the
         start of a computed evaluation; an accepted one fills the segment (the block's real output
@@ -144,8 +149,8 @@ class BlockRunner:
             self.call.compute = not self.run.verify(relative_l1(draft, real))
         if self.call.compute:
             self.run.mark(g, REJECTED)
-            return self._stored(segment, segment_number, index, g, out, streams)
+            return self._stored(kind, segment, segment_number, index, g, out, streams)
         self.run.mark(g, COMPUTED)  # the verification's work, whether or not its output is used
         if index == segment.last:
-            return self._stored(segment, segment_number, index, g, out, streams)
+            return self._stored(kind, segment, segment_number, index, g, out, streams)
         return self._filled(segment, index, self.call.segment_inputs, streams)

@@ -15,13 +15,17 @@ from typing import Callable, Optional
 import torch
 
 from .cfg import CfgBranchCache
-from .forecasters import ForecasterConfig, TaylorForecaster
+from .forecasters import ForecasterConfig
+from .grid import TokenGrid, grid_for
 from .policies import NO_INDICATOR, PROBE_RESIDUAL, PROGRESS, FixedInterval, Policy, Scope
 from .sites import Site
 from .tokens import TokenConfig
 from .trace import COMPUTED, FORECAST, REJECTED, REUSED, Trace
 
 log = logging.getLogger("FeatureCache")
+# A fill's forecast must have a norm within [min / GUARD_BAND, max * GUARD_BAND] of the norms of the
+# values computed for it so far; outside (or not finite) it is an overshoot and reuse replaces it.
+GUARD_BAND = 2.0
 
 
 @dataclass(frozen=True)
@@ -79,11 +83,17 @@ class CacheRun:
         self.notes: list[str] = []
         self.peak_bytes = 0
         self.over_budget = False
+        self.guarded_fills = 0
+        self.guard_computes = 0
         self._reset_state()
 
     def _reset_state(self):
         self.policy_states: dict = {}  # scope -> PolicyState (scope None: the evaluation-wide decision)
         self.forecasters: dict = {}
+        self.norm_bands: dict = {}  # (key, uuid) -> (min, max) norm of its computed values, 0-dim tensors
+        self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
+        self.guarded_keys: set = set()
+        self.shared: dict = {}  # key -> state its forecasters share across conditionings
         self.cache_bytes = 0
         self.ref_uuid = None
         self.signature = None
@@ -110,7 +120,9 @@ class CacheRun:
             self.trace.begin(sigma, self._step_of(sigma))
             self.decisions = {}
             self.pending_verification = False
+            self.guarded_keys = set()  # keys whose fills this evaluation fall back to reuse
         self.uuids = list(uuids)
+        self.prepared = {}
 
     def prefer_reference(self, uuid) -> None:
         """Take decisions from this conditioning (set before the first call; the CFG-branch cache calls the
@@ -162,26 +174,62 @@ class CacheRun:
             self.indicators[scope] = value_in
             if scope is None or ev.indicator is None:
                 ev.indicator = value
-            ev.decision = COMPUTED if all(self.decisions.values()) else self.fill_action
-            self.consecutive_fills[scope] = 0 if compute else self.consecutive_fills.get(scope, 0) + 1
+            self._record(scope, compute)
             self.pending_verification = policy.verifies and not compute
         decision = self.decisions.get(scope)
         if decision is None:  # the reference conditioning has not been seen in this evaluation
             return True
-        return decision or not self._has_caches(keys, self.uuids)
+        if decision or not self._has_caches(keys, self.uuids):
+            return True
+        if self._prepare_fills(keys):
+            return False
+        self.guard_computes += 1
+        if self.ref_uuid in self.uuids:  # no safe fill: this decision computes after all
+            self.decisions[scope] = True
+            self.pending_verification = False
+            self._record(scope, True)
+        return True
+
+    def _record(self, scope, compute: bool) -> None:
+        ev = self.trace.evaluations[-1]
+        ev.decision = COMPUTED if all(self.decisions.values()) else self.fill_action
+        self.consecutive_fills[scope] = 0 if compute else self.consecutive_fills.get(scope, 0) + 1
 
     def verify(self, error: float) -> bool:
         """A verifying policy's check of the pending draft: `error` is the verified block's relative output
         error. False rejects the draft: the evaluation is computed instead."""
         self.pending_verification = False
         accepted = self._state(None).accept(error)
-        ev = self.trace.evaluations[-1]
-        ev.indicator = error
+        self.trace.evaluations[-1].indicator = error
         if not accepted:
             self.decisions[None] = True
-            self.consecutive_fills[None] = 0
-            ev.decision = COMPUTED
+            self._record(None, True)
         return accepted
+
+    def _prepare_fills(self, keys) -> bool:
+        """Forecast every value this call fills and check it: a non-finite forecast, or one whose norm leaves
+        the band of the computed values' norms, makes its key fill with the last computed value for every
+        conditioning of the evaluation (cond and uncond filled alike, so CFG does not amplify a difference).
+        False when some value has no safe fill (its last computed value is not finite either)."""
+        self.prepared = {(k, u): self.forecasters[(k, u)].predict(self.sigma) for k in keys for u in self.uuids}
+        checks = []
+        for slot, forecast in self.prepared.items():
+            norm = forecast.float().norm()
+            low, high = (bound.to(norm.device) for bound in self.norm_bands[slot])  # caches may be offloaded
+            checks.append(torch.isfinite(norm) & (norm <= GUARD_BAND * high) & (norm >= low / GUARD_BAND))
+        safe_flags = torch.stack(checks).tolist() if checks else []
+        unsafe = {slot[0] for slot, safe in zip(list(self.prepared), safe_flags) if not safe}
+        self.guarded_keys |= unsafe
+        for slot in self.prepared:
+            if slot[0] not in self.guarded_keys:
+                continue
+            latest = self.forecasters[slot].latest()
+            if not bool(torch.isfinite(latest).all()):
+                self.prepared = {}
+                return False
+            self.prepared[slot] = latest
+            self.guarded_fills += 1
+        return True
 
     def computed(self, output_ref: torch.Tensor) -> None:
         """Feed the policy the reference chunk's output of a computed evaluation."""
@@ -204,7 +252,7 @@ class CacheRun:
 
     @property
     def fill_action(self) -> str:
-        return REUSED if self.config.forecaster.order == 0 else FORECAST
+        return REUSED if self.config.forecaster.is_reuse else FORECAST
 
     def mark(self, row: int, action: str) -> None:
         self.trace.mark(row, action)
@@ -213,8 +261,10 @@ class CacheRun:
     def _has_caches(self, keys, uuids) -> bool:
         return all((k, u) in self.forecasters for k in keys for u in uuids)
 
-    def store(self, key, values: torch.Tensor) -> None:
-        """Record a computed value (batched over the call's uuids) at the current sigma."""
+    def store(self, key, values: torch.Tensor, grid: Optional[TokenGrid] = None) -> None:
+        """Record a computed value (batched over the call's uuids) at the current sigma.
+
+        `grid` locates the value's image tokens (for frequency-aware forecasters); None if unknown."""
         if self.over_budget:
             return
         n = len(self.uuids)
@@ -222,11 +272,16 @@ class CacheRun:
             forecaster = self.forecasters.get((key, uuid))
             if forecaster is None:
                 store_device = torch.device("cpu") if self.config.offload_to_cpu else None
-                forecaster = TaylorForecaster(self.config.forecaster.order, store_device)
+                forecaster = self.config.forecaster.new_state(store_device, grid_for(chunk(values, n, i), grid),
+                                                              self.shared.setdefault(key, {}))
                 self.forecasters[(key, uuid)] = forecaster
             before = forecaster.nbytes
-            forecaster.update(self.sigma, chunk(values, n, i))
+            value = chunk(values, n, i)
+            forecaster.update(self.sigma, value)
             self.cache_bytes += forecaster.nbytes - before
+            norm = value.detach().float().norm()
+            low, high = self.norm_bands.get((key, uuid), (norm, norm))
+            self.norm_bands[(key, uuid)] = (torch.minimum(low, norm), torch.maximum(high, norm))
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes)
         budget = self.config.memory_budget_mb * 2**20
         if budget and self.cache_bytes > budget:
@@ -234,11 +289,13 @@ class CacheRun:
                        f"{self.config.memory_budget_mb} MiB: caching stopped for the rest of this run")
             self.over_budget = True
             self.forecasters.clear()
+            self.norm_bands.clear()
+            self.shared.clear()
             self.cache_bytes = 0
 
     def fill(self, key, like: torch.Tensor) -> torch.Tensor:
-        """The forecast value of `key` at the current sigma for every uuid of the call, batched like `like`."""
-        parts = [self.forecasters[(key, u)].predict(self.sigma, like.device) for u in self.uuids]
+        """The checked forecast of `key` at the current sigma for every uuid of the call, batched like `like`."""
+        parts = [self.prepared.pop((key, u)).to(like.device) for u in self.uuids]
         return torch.cat(parts, dim=0)
 
     def reference_chunk(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
@@ -254,6 +311,13 @@ class CacheRun:
     def report(self) -> dict:
         fraction = self.trace.compute_fraction()
         decisions = [ev.decision for ev in self.trace.evaluations]
+        notes = list(self.notes)
+        if self.guarded_fills:
+            notes.append(f"{self.guarded_fills} forecast fills were not finite or overshot (norm outside "
+                         f"[1/{GUARD_BAND:g}, {GUARD_BAND:g}] x the computed values' range): replaced by the last "
+                         "computed value")
+        if self.guard_computes:
+            notes.append(f"{self.guard_computes} calls computed because a cached value was not finite")
         return {
             **self.config.describe(),
             "evaluations": len(decisions),
@@ -265,6 +329,7 @@ class CacheRun:
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
             "peak_cache_bytes": self.peak_bytes + (self.cfg.nbytes if self.cfg else 0),
-            "notes": list(self.notes),
+            "guarded_fills": self.guarded_fills,
+            "notes": notes,
             "trace": self.trace.to_dict(),
         }

@@ -1,4 +1,4 @@
-"""One description per architecture: its block kinds, their hidden streams, and its TeaCache indicator.
+"""One description per architecture: block kinds, hidden streams, image-token grid and TeaCache indicator.
 
 Everything else (hooks, the engine) is shared. A family is supported at block sites when its
 forward offers `patches_replace["dit"]` for every block; the whole-model site works on any model.
@@ -10,12 +10,15 @@ from typing import Callable, Optional
 
 import torch
 
+from ..cache_core import TokenGrid
+
 
 @dataclass(frozen=True)
 class BlockKind:
     name: str  # key used by the model in patches_replace["dit"][(name, i)]
     attribute: str  # the ModuleList on the diffusion model
     streams: tuple  # hidden-state entries of the replace args / returned dict
+    image_streams: tuple = ()  # streams whose last rows are the image tokens (Flux single blocks: cat(txt, img))
 
 
 @dataclass(frozen=True)
@@ -24,12 +27,24 @@ class Adapter:
     model_class: str  # module.qualname of the diffusion model class
     kinds: tuple
     modulated_input: Optional[Callable] = None  # (block module, args) -> timestep-modulated input of block 0
+    patch: tuple = ()  # latent elements per image token along each spatial dim; () = grid unknown
 
     def layout(self, diffusion_model) -> list[tuple[str, int]]:
         return [(k.name, len(getattr(diffusion_model, k.attribute))) for k in self.kinds]
 
     def streams(self) -> dict:
         return {k.name: k.streams for k in self.kinds}
+
+    @property
+    def has_token_grid(self) -> bool:
+        return bool(self.patch)
+
+    def token_grid(self, kind: str, stream: str, latent_shape: Optional[tuple]) -> Optional[TokenGrid]:
+        """The grid of the image tokens in `stream` of `kind` blocks, for a latent [B, C, *spatial]; None if none."""
+        block_kind = next(k for k in self.kinds if k.name == kind)
+        if not self.patch or latent_shape is None or stream not in block_kind.image_streams:
+            return None
+        return TokenGrid(tuple(-(-n // p) for n, p in zip(latent_shape[2:], self.patch)))
 
     def block(self, diffusion_model, kind: str, index: int):
         attribute = next(k.attribute for k in self.kinds if k.name == kind)
@@ -59,15 +74,17 @@ ADAPTERS = (
     Adapter(
         family="Flux",
         model_class="comfy.ldm.flux.model.Flux",
-        kinds=(BlockKind("double_block", "double_blocks", ("img", "txt")),
-               BlockKind("single_block", "single_blocks", ("img",))),
+        kinds=(BlockKind("double_block", "double_blocks", ("img", "txt"), image_streams=("img",)),
+               BlockKind("single_block", "single_blocks", ("img",), image_streams=("img",))),
         modulated_input=_flux_modulated_input,
+        patch=(2, 2),
     ),
     Adapter(
         family="Wan 2.1 / 2.2",
         model_class="comfy.ldm.wan.model.WanModel",
-        kinds=(BlockKind("double_block", "blocks", ("img",)),),
+        kinds=(BlockKind("double_block", "blocks", ("img",), image_streams=("img",)),),
         modulated_input=_wan_modulated_input,
+        patch=(1, 2, 2),
     ),
 )
 

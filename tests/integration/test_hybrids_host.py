@@ -8,7 +8,7 @@ from test_caching import _BlockCallCounter, count_block_rows  # noqa: F401 (fixt
 STEPS = 6
 METHODS = [("foresight", "blocks"), ("delta", "blocks"), ("speca", "blocks"), ("speca", "span")]
 # Settings that fill part of a 6-step run of the random-weight fixtures (SpeCa's drafts are off by 15-60% there).
-ENGAGED = {"foresight": {"threshold": 3.0}, "delta": {"speed": 0.2}, "speca": {"threshold": 0.5}}
+ENGAGED = {"foresight": {"threshold": 1.5}, "delta": {"speed": 0.2}, "speca": {"threshold": 0.5}}
 WORK = ("computed", "rejected")
 
 
