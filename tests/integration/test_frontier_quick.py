@@ -81,7 +81,8 @@ def test_quick_run_with_another_pack(host, pack, tmp_path):
 
 def test_workflow_sweep(host, paths, tmp_path):
     """Any API workflow with Apply Feature Cache: fidelity from its saved images, report added."""
-    graph = graphs.with_cache(graphs.wan_graph(paths, size=64, steps=6, cfg=3.0), cache_map=False)
+    graph = graphs.with_cache(graphs.wan_graph(paths, size=64, steps=6, cfg=3.0), forecaster=dict(method="taylor", order=1),
+                              cache_map=False)
     del graph["capture"]
     graph["preview"] = {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}}
     workflow = tmp_path / "workflow.json"
@@ -89,9 +90,9 @@ def test_workflow_sweep(host, paths, tmp_path):
     out = str(tmp_path / "bench")
     assert frontier.main(["--quick", "--out", out, "--workflow", str(workflow)]) == 0
     records = load(out)
-    assert {r["method"] for r in records} == {"teacache+reuse@span", "comfy:EasyCache", "comfy:LazyCache"}
+    assert {r["method"] for r in records} == {"teacache+taylor1@span", "comfy:EasyCache", "comfy:LazyCache"}
     assert all(r["status"] == "ok" for r in records), records
-    ours = next(r for r in records if r["method"] == "teacache+reuse@span")
+    ours = next(r for r in records if r["method"] == "teacache+taylor1@span")
     assert ours["cache_bytes"] is not None and ours["latent_psnr"] is None
 
 
