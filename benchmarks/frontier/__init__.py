@@ -7,21 +7,25 @@ EasyCache / LazyCache as comfy:EasyCache / comfy:LazyCache (swept over reuse_thr
 other pack's MODEL->MODEL node as PACK:NodeClass (--pack/--node/--param).
 
 Measures (design note 5):
-- compute_fraction: ours from the run report (full-equivalent block evaluations / total); the
-  host's nodes from their "skipped X/Y steps" log line; other packs from counting the transformer
-  block calls (torch forward hooks) of one run against the uncached run. ideal_speedup = 1 / it.
+- compute_fraction: the diffusion model's FLOPs in the cached run over the uncached run of the same
+  graph (flops.py), per sample, averaged; the same count for ours, the host's nodes and other packs,
+  whatever they skip. ideal_speedup = 1 / it. Ours also keep report_fraction, the run report's
+  computed block cells / all cells: on a model whose blocks cost the same (Wan) it equals the FLOP
+  fraction of the blocks, and compute_fraction = s + (1 - s) * report_fraction, s being the share of
+  the FLOPs outside the blocks (embeddings, head), which every evaluation still runs at a block site.
 - wallclock_speedup: median sampler time of interleaved uncached runs / of the cached runs, in one
-  process. The sampler time comes from the host's progress hook, which the sampler calls after
-  every step: it excludes graph validation, model loading and decoding, which caching does not
+  process, apart from the FLOP-counted runs. The sampler time comes from the host's progress hook,
+  which the sampler calls after every step: it excludes graph validation, model loading and decoding, which caching does not
   change. The first step ends before the first call; it is computed by every method, and is
   counted at the uncached per-step time. efficiency = wallclock_speedup / ideal_speedup.
 - psnr / ssim of the decoded output (latent_psnr of the final latent), mean over the samples;
   identical outputs count as PSNR_CAP dB. cache_bytes: the peak bytes our caches held.
-A setting that fails is recorded with status "failed" and its error; the run goes on.
+A setting that fails is recorded with status "failed" and its full error; the run goes on.
 Writes frontier.json (records), frontier.md (tables) and frontier.png (PSNR vs ideal speedup).
 
 Files: cases.py (models, schedules, samples), names.py (our method names), methods.py (methods and
-their sweeps), measure.py (running and measuring), report.py (tables, plot), cli.py (command line).
+their sweeps), peers.py (other packs), measure.py (running and measuring), flops.py (compute),
+report.py (tables, plot), cli.py (command line).
 """
 from benchmarks.frontier.cli import main
 from benchmarks.frontier.measure import PSNR_CAP

@@ -11,11 +11,12 @@ import torch
 
 from benchmarks import host as host_module
 from benchmarks.frontier import cases as frontier_cases
-from benchmarks.frontier.measure import SamplerClock, info_logs, run_case
+from benchmarks.frontier.measure import SamplerClock, run_case
 from benchmarks.frontier.methods import (COMFY_NODES, DEFAULT_METHODS, QUICK_SPEEDS, SLICE_METHODS, SLICE_SPEEDS,
                                          Param, build_methods, our_method, pack_methods, parse_sets,
                                          workflow_method_name)
-from benchmarks.frontier.report import error_summary, frontier_table, setting_text, write_markdown, write_plot
+from benchmarks.frontier.report import (error_summary, frontier_table, setting_text, versus_table, write_markdown,
+                                        write_plot)
 
 REPO_ROOT = host_module.REPO_ROOT
 
@@ -24,7 +25,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few steps, one sample, one setting per method")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "out", "bench"))
-    parser.add_argument("--cases", nargs="+", help="default: all (wan-image wan-image-dpm wan-video flux-image slice)")
+    parser.add_argument("--cases", nargs="+",
+                        help="default: all (wan-image wan-image-dpm wan-image-unipc wan-video flux-image slice)")
     parser.add_argument("--methods", nargs="+", help=f"default: {' '.join(DEFAULT_METHODS)}")
     parser.add_argument("--pack", help="another custom node pack (folder) to load")
     parser.add_argument("--node", action="append", default=[], help="a MODEL->MODEL node class of --pack (repeatable)")
@@ -37,6 +39,13 @@ def parse_args(argv):
     parser.add_argument("--model-file", help="a Wan-architecture checkpoint (16-channel latents, 32x32-pixel images)")
     parser.add_argument("--cond-file", help="its label embeddings: 'labels' [N, L, 4096], the last row the negative")
     parser.add_argument("--workflow", help="an API-format workflow holding one ApplyFeatureCache; sweeps its settings")
+    schedule = parser.add_argument_group("schedule: override every case's sampler settings and samples")
+    schedule.add_argument("--sampler", help="sampler_name, e.g. uni_pc")
+    schedule.add_argument("--scheduler", help="e.g. beta, karras")
+    schedule.add_argument("--steps", type=int)
+    schedule.add_argument("--cfg", type=float)
+    schedule.add_argument("--labels", type=int, nargs="+", help="label rows of the label file (not with --workflow)")
+    schedule.add_argument("--seeds", type=int, nargs="+", help="one sample per seed (and label)")
     args = parser.parse_args(argv)
     if bool(args.model_file) != bool(args.cond_file):
         parser.error("--model-file and --cond-file go together")
@@ -47,17 +56,23 @@ def parse_args(argv):
     return args
 
 
-def select_cases(host, args, workflow) -> tuple[list, dict]:
+def schedule_of(args) -> frontier_cases.Schedule:
+    return frontier_cases.Schedule(args.sampler, args.scheduler, args.steps, args.cfg,
+                                   tuple(args.labels) if args.labels else None, tuple(args.seeds) if args.seeds else None)
+
+
+def select_cases(host, args) -> tuple[list, dict]:
     """(the cases to run, where each model came from)."""
-    if workflow:
-        return [workflow], {"workflow": args.workflow}
+    schedule = schedule_of(args)
+    if args.workflow:
+        return [frontier_cases.workflow_case(host, args.workflow, schedule)], {"workflow": args.workflow}
     if args.model_file:
         models = frontier_cases.external_wan(host, args.model_file, args.cond_file)
-        cases = frontier_cases.tiny_cases(models, args.quick, wan_name=os.path.basename(args.model_file))
+        cases = frontier_cases.tiny_cases(models, args.quick, os.path.basename(args.model_file), schedule)
         ids = [c.id for c in cases]
     else:
         models = frontier_cases.tiny_models(host, args.out)
-        cases = frontier_cases.tiny_cases(models, args.quick)
+        cases = frontier_cases.tiny_cases(models, args.quick, schedule=schedule)
         ids = [c.id for c in cases] + ["slice"]
     wanted = args.cases or ids
     unknown = [c for c in wanted if c not in ids]
@@ -74,8 +89,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     host = host_module.boot(output_dir=os.path.join(args.out, "comfy"), cpu=not torch.cuda.is_available())
-    workflow = frontier_cases.workflow_case(args.workflow) if args.workflow else None
-    cases, origins = select_cases(host, args, workflow)
+    cases, origins = select_cases(host, args)
+    workflow = cases[0] if args.workflow else None
     case_ids = [c.id for c in cases]
     params, sets = [Param.parse(p) for p in args.param], parse_sets(host, args.sets)
     names = args.methods or ([workflow_method_name(host, workflow.graphs[0]), *COMFY_NODES] if workflow
@@ -93,13 +108,13 @@ def main(argv=None) -> int:
         print(f"  {record['method']} {setting_text(record['setting'])}: {detail} ({seconds:.1f} s)", flush=True)
 
     records, speed_records = [], []
-    with info_logs() as log_lines, SamplerClock() as clock:
+    with SamplerClock() as clock:
         for case in cases:
             print(f"{case.model}: {case.name} ({len(case.graphs)} samples)", flush=True)
             if case.fixed_only:
-                speed_records += run_case(host, case, slice_methods, clock, log_lines, progress)
+                speed_records += run_case(host, case, slice_methods, clock, progress)
             else:
-                records += run_case(host, case, methods, clock, log_lines, progress)
+                records += run_case(host, case, methods, clock, progress)
 
     context = dict(command="python -m benchmarks.frontier " + " ".join(sys.argv[1:] if argv is None else argv),
                    host=host_module.comfyui_path(), device="cuda" if torch.cuda.is_available() else "cpu",
@@ -109,6 +124,7 @@ def main(argv=None) -> int:
     write_markdown(os.path.join(args.out, "frontier.md"), records, speed_records, context)
     write_plot(os.path.join(args.out, "frontier.png"), records or speed_records)
     print("\n" + frontier_table(records + speed_records))
+    print(versus_table(records))
     print(f"wrote {args.out}/frontier.json, frontier.md, frontier.png in {context['seconds']:.0f} s")
     return 0
 

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import logging
 import math
 import os
-import re
 import statistics
 import time
 import traceback
@@ -16,13 +13,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks import graphs, host as host_module
+from benchmarks import graphs
+from benchmarks.frontier.flops import counting_flops
 from benchmarks.frontier.methods import Method
 from benchmarks.latent import frames
 from benchmarks.metrics import psnr, ssim
 
 PSNR_CAP = 100.0
-SKIPPED_LINE = re.compile(r"(?:EasyCache|LazyCache) - skipped (\d+)/(\d+) steps")
 
 
 class SamplerClock:
@@ -61,33 +58,13 @@ class SamplerClock:
         return (sum(s[-1] - s[0] for s in by_node.values()), sum(len(s) - 1 for s in by_node.values()), len(by_node))
 
 
-@contextlib.contextmanager
-def counting_blocks():
-    """Counts forward calls of transformer blocks (Wan, Flux), whoever calls or skips them."""
-    import comfy.ldm.flux.layers
-    import comfy.ldm.wan.model
-    kinds = (comfy.ldm.wan.model.WanAttentionBlock, comfy.ldm.flux.layers.DoubleStreamBlock,
-             comfy.ldm.flux.layers.SingleStreamBlock)
-    count = [0]
-
-    def hook(module, args):
-        if isinstance(module, kinds):
-            count[0] += 1
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
-        yield count
-    finally:
-        handle.remove()
-
-
 @dataclasses.dataclass
 class Run:
     images: torch.Tensor
     latent: torch.Tensor | None
     timing: tuple  # SamplerClock.take()
     report: dict | None
-    log: list
+    flops: int | None  # diffusion-model FLOPs, when counted (flops.py)
 
 
 def _saved_images(outputs: dict) -> torch.Tensor:
@@ -105,29 +82,22 @@ def _saved_images(outputs: dict) -> torch.Tensor:
     return torch.stack(images)
 
 
-def run_graph(host, graph: dict, clock: SamplerClock, log_lines: list) -> Run:
-    start = len(log_lines)
-    outputs = host.execute(graph)
+def run_graph(host, graph: dict, clock: SamplerClock, count_flops: bool = False) -> Run:
+    """Runs a graph; a counted run is slower (a dispatch mode sees every op), so it is never timed."""
+    with counting_flops() if count_flops else contextlib.nullcontext() as count:
+        outputs = host.execute(graph)
     timing = clock.take()
     capture = next((n for n in graph.values() if n["class_type"] == "FCFixtureCapture"), None)
     latent = host.captured(capture["inputs"]["key"]) if capture else None
     images = frames(latent) if latent is not None else _saved_images(outputs)
     report = next((ui["feature_cache_report"][0] for ui in outputs.values() if "feature_cache_report" in ui), None)
-    return Run(images, latent, timing, report, log_lines[start:])
+    return Run(images, latent, timing, report, count.total if count_flops else None)
 
 
 def _sampler_seconds(timings: list, uncached: list) -> float:
     """Median sampler time; the first step of each sampler (before the first stamp) at the uncached rate."""
     per_step = sum(t[0] for t in uncached) / max(1, sum(t[1] for t in uncached))
     return statistics.median(t[0] + t[2] * per_step for t in timings)
-
-
-def _fraction_from_log(lines: list) -> float:
-    matches = [SKIPPED_LINE.search(line) for line in lines]
-    skipped, total = next((m.groups() for m in reversed(matches) if m), (None, None))
-    if total is None:
-        raise ValueError("no 'skipped X/Y steps' line in the host's log")
-    return 1.0 - int(skipped) / int(total)
 
 
 def failure_text(error: BaseException) -> str:
@@ -137,41 +107,46 @@ def failure_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip()}\n{where}".strip()
 
 
-def measure(host, case, method: Method, setting: dict, references: list, clock: SamplerClock, log_lines: list,
-            uncached_blocks: dict) -> dict:
-    record = dict(model=case.model, case=case.name, method=method.name, setting=setting, status="ok", error=None,
-                  samples=len(case.graphs), compute_fraction=None, ideal_speedup=None, wallclock_speedup=None,
-                  efficiency=None, psnr=None, ssim=None, latent_psnr=None, cache_bytes=None,
-                  sampler_seconds=None, sampler_seconds_uncached=None)
+def new_record(case, method: Method, setting: dict) -> dict:
+    return dict(model=case.model, case=case.name, case_id=case.id, method=method.name, family=method.family,
+                setting=setting, status="ok",
+                error=None, samples=len(case.graphs), compute_fraction=None, report_fraction=None, flops=None,
+                flops_uncached=None, ideal_speedup=None, wallclock_speedup=None, efficiency=None, psnr=None, ssim=None,
+                latent_psnr=None, cache_bytes=None, sampler_seconds=None, sampler_seconds_uncached=None)
+
+
+def measure(host, case, method: Method, setting: dict, references: list, clock: SamplerClock) -> dict:
+    """One setting of a method on a case: per sample, a FLOP-counted run for fidelity and compute
+    fraction; then `case.repeats` interleaved uncached / cached runs for the wall clock."""
+    record = new_record(case, method, setting)
     try:
-        fractions, fidelity, cache_bytes, cached_t, uncached_t = [], [], [], [], []
-        for k in range(max(len(case.graphs), case.repeats)):
-            graph = case.graphs[k % len(case.graphs)]
-            if k < case.repeats:
-                uncached_t.append(run_graph(host, graphs.without_cache(graph), clock, log_lines).timing)
-            run = run_graph(host, method.rewrite(graph, setting), clock, log_lines)
-            cached_t.append(run.timing)
-            if k >= len(case.graphs):
-                continue
-            ref = references[k]
+        fractions, report_fractions, flops, fidelity, cache_bytes = [], [], [], [], []
+        for graph, ref in zip(case.graphs, references):
+            run = run_graph(host, method.rewrite(graph, setting), clock, count_flops=True)
             fidelity.append((min(psnr(run.images, ref.images), PSNR_CAP), ssim(run.images, ref.images),
                              None if ref.latent is None else
                              min(psnr(run.latent, ref.latent, float(ref.latent.abs().max())), PSNR_CAP)))
-            if method.fraction_from == "report":
-                if run.report is None:
-                    raise ValueError("the cached run produced no cache report")
-                fractions.append(run.report["compute_fraction"])
+            if run.flops == 0:
+                raise ValueError("no diffusion-model FLOPs were counted in the cached run: cannot measure its compute")
+            fractions.append(run.flops / ref.flops)
+            flops.append(run.flops)
+            if run.report is not None:
+                report_fractions.append(run.report["compute_fraction"])
                 cache_bytes.append(run.report["peak_cache_bytes"])
-            elif method.fraction_from == "log":
-                fractions.append(_fraction_from_log(run.log))
-        if method.fraction_from == "blocks":
-            fractions.append(_block_fraction(host, case.graphs[0], method.rewrite(case.graphs[0], setting), clock,
-                                             log_lines, uncached_blocks))
+            elif method.ours:
+                raise ValueError("the cached run produced no cache report")
+        cached_t, uncached_t = [], []
+        for k in range(case.repeats):
+            graph = case.graphs[k % len(case.graphs)]
+            uncached_t.append(run_graph(host, graphs.without_cache(graph), clock).timing)
+            cached_t.append(run_graph(host, method.rewrite(graph, setting), clock).timing)
         fraction = statistics.mean(fractions)
         u_seconds, c_seconds = _sampler_seconds(uncached_t, uncached_t), _sampler_seconds(cached_t, uncached_t)
         wallclock = u_seconds / c_seconds
         ideal = 1.0 / fraction if fraction > 0 else math.inf
         record.update(compute_fraction=fraction, ideal_speedup=ideal, wallclock_speedup=wallclock,
+                      report_fraction=statistics.mean(report_fractions) if report_fractions else None,
+                      flops=statistics.mean(flops), flops_uncached=statistics.mean(r.flops for r in references),
                       efficiency=wallclock / ideal, sampler_seconds=c_seconds, sampler_seconds_uncached=u_seconds,
                       psnr=statistics.mean(f[0] for f in fidelity), ssim=statistics.mean(f[1] for f in fidelity),
                       latent_psnr=None if fidelity[0][2] is None else statistics.mean(f[2] for f in fidelity),
@@ -179,41 +154,6 @@ def measure(host, case, method: Method, setting: dict, references: list, clock: 
     except Exception as error:  # a failing method or node is a result, not the end of the benchmark
         record.update(status="failed", error=failure_text(error))
     return record
-
-
-def _block_fraction(host, plain: dict, cached: dict, clock, log_lines, uncached_blocks: dict) -> float:
-    """Block calls of a cached run / of the uncached run (counted once per graph)."""
-    key = json.dumps(plain, sort_keys=True)
-    if key not in uncached_blocks:
-        with counting_blocks() as count:
-            run_graph(host, graphs.without_cache(plain), clock, log_lines)
-        uncached_blocks[key] = count[0]
-    with counting_blocks() as count:
-        run_graph(host, cached, clock, log_lines)
-    if not uncached_blocks[key]:
-        raise ValueError("no Wan or Flux transformer blocks ran: cannot count the compute fraction of this model")
-    return count[0] / uncached_blocks[key]
-
-
-@contextlib.contextmanager
-def info_logs():
-    """Collects INFO log lines (the host's EasyCache / LazyCache report skipped steps there) without
-    letting the handlers already on the root logger print them."""
-    root = logging.getLogger()
-    level = root.getEffectiveLevel()
-    quieted = [(h, h.level) for h in root.handlers]
-    for handler, handler_level in quieted:
-        handler.setLevel(max(handler_level, level))
-    collector = host_module.LogCollector()
-    root.addHandler(collector)
-    root.setLevel(logging.INFO)
-    try:
-        yield collector.lines
-    finally:
-        root.removeHandler(collector)
-        root.setLevel(level)
-        for handler, handler_level in quieted:
-            handler.setLevel(handler_level)
 
 
 @contextlib.contextmanager
@@ -227,15 +167,20 @@ def torch_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
-def run_case(host, case, methods: list, clock, log_lines, progress) -> list:
+def run_case(host, case, methods: list, clock, progress) -> list:
+    """All methods on one case. If the uncached reference runs fail, every method is recorded as failed."""
     with torch_threads(case.threads):
-        references = [run_graph(host, graphs.without_cache(g), clock, log_lines) for g in case.graphs]
-        records, uncached_blocks = [], {}
+        try:
+            references = [run_graph(host, graphs.without_cache(g), clock, count_flops=True) for g in case.graphs]
+        except Exception as error:
+            text = "the uncached reference run failed: " + failure_text(error)
+            return [dict(new_record(case, m, s), status="failed", error=text)
+                    for m in methods for s in m.settings_for(case.id)]
+        records = []
         for method in methods:
             for setting in method.settings_for(case.id):
                 started = time.perf_counter()
-                record = measure(host, case, method, setting, references, clock, log_lines, uncached_blocks)
+                record = measure(host, case, method, setting, references, clock)
                 records.append(record)
                 progress(record, time.perf_counter() - started)
     return records
-

@@ -36,9 +36,13 @@ class Method:
     name: str
     settings: list  # dicts of inputs, one per point of the sweep
     rewrite: Callable  # (cached case graph, setting) -> graph to run
-    fraction_from: str  # "report", "log" or "blocks" (see the package docstring)
+    family: str  # "ours" (the run also reports its own compute fraction), "host" (built-in nodes) or "peer"
     fixed_schedule: bool = False  # computes on a fixed schedule: meaningful on random weights
     case_settings: dict = dataclasses.field(default_factory=dict)  # case id -> settings, where --param is scoped
+
+    @property
+    def ours(self) -> bool:
+        return self.family == "ours"
 
     def settings_for(self, case_id: str) -> list:
         return self.case_settings.get(case_id, self.settings)
@@ -152,14 +156,14 @@ def our_method(host, name: str, speeds, sets: dict | None = None) -> Method:
 
     settings = [{f"{role}.{key}" if key != "speed" else key: value for (role, key), value in zip(sweep, combo)}
                 for combo in itertools.product(*sweep.values())]
-    return Method(name, settings, rewrite, "report", fixed_schedule=method.fixed_schedule)
+    return Method(name, settings, rewrite, "ours", fixed_schedule=method.fixed_schedule)
 
 
 def unsupported_method(name: str, error: Exception) -> Method:
     """A method these nodes cannot express: one failed record per case, with the reason."""
     def rewrite(graph, setting):
         raise error
-    return Method(name, [{}], rewrite, "report")
+    return Method(name, [{}], rewrite, "ours")
 
 
 def workflow_method_name(host, graph: dict) -> str:
@@ -187,7 +191,7 @@ class Param:
         return cls(node if dot else None, key, case or None, values.split(","))
 
 
-def node_method(host, name: str, class_type: str, params: list, fraction_from: str, case_ids=()) -> Method:
+def node_method(host, name: str, class_type: str, params: list, family: str, case_ids=()) -> Method:
     """A MODEL->MODEL node from another pack (or the host) put where our Apply Feature Cache was.
 
     `params` (Param) give input values; the cartesian product is the sweep, inputs not given keep their
@@ -233,7 +237,7 @@ def node_method(host, name: str, class_type: str, params: list, fraction_from: s
         return graph
 
     scoped = {p.case for p in mine if p.case is not None}
-    return Method(name, sweep_of(None), rewrite, fraction_from, case_settings={c: sweep_of(c) for c in scoped})
+    return Method(name, sweep_of(None), rewrite, family, case_settings={c: sweep_of(c) for c in scoped})
 
 
 def pack_methods(host, pack: str, classes: list[str], params: list, case_ids=()) -> list[Method]:
@@ -246,7 +250,7 @@ def pack_methods(host, pack: str, classes: list[str], params: list, case_ids=())
     for cls in classes:
         if cls not in available:
             raise ValueError(f"pack {pack_name} has no node '{cls}'; its nodes: {', '.join(available) or '(none)'}")
-        methods.append(node_method(host, f"{pack_name}:{cls}", cls, params, "blocks", case_ids))
+        methods.append(node_method(host, f"{pack_name}:{cls}", cls, params, "peer", case_ids))
     return methods
 
 
@@ -258,7 +262,7 @@ def build_methods(host, method_names, quick: bool, sets: dict | None = None, par
             thresholds = QUICK_COMFY_THRESHOLDS if quick else thresholds
             sweep = [Param(class_type, "reuse_threshold", None, [str(t) for t in thresholds])]
             scoped = [p for p in params if p.node == class_type]  # unscoped --param is for --node
-            methods.append(node_method(host, name, class_type, sweep + scoped, "log", case_ids))
+            methods.append(node_method(host, name, class_type, sweep + scoped, "host", case_ids))
             continue
         try:
             methods.append(our_method(host, name, QUICK_SPEEDS if quick else SPEEDS, sets))

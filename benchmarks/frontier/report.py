@@ -5,7 +5,7 @@ import math
 
 from benchmarks.frontier.measure import PSNR_CAP
 
-SPEEDUP_LEVELS = (2.0, 3.0, 5.0)
+SPEEDUP_LEVELS = (2.0, 3.0, 4.0, 5.0)
 
 
 def _fmt(value, spec=".2f", none="—"):
@@ -16,9 +16,42 @@ def setting_text(setting: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting.items()) or "defaults"
 
 
+def best_record(records: list, level: float):
+    """The record with the best PSNR at or above an ideal speedup, or None."""
+    ok = [r for r in records if r["status"] == "ok" and r["ideal_speedup"] >= level]
+    return max(ok, key=lambda r: r["psnr"]) if ok else None
+
+
 def best_psnr(records: list, level: float):
-    values = [r["psnr"] for r in records if r["status"] == "ok" and r["ideal_speedup"] >= level]
-    return max(values) if values else None
+    best = best_record(records, level)
+    return None if best is None else best["psnr"]
+
+
+def _best_cell(record) -> str:
+    if record is None:
+        return "—"
+    return f"{record['psnr']:.1f} dB {record['method']} ({setting_text(record['setting'])}, {record['ideal_speedup']:.2f}×)"
+
+
+def versus_table(records: list) -> str:
+    """Per case and speedup level: our best method, the best other pack's, the best of the host's
+    built-ins, and our margin in dB over the better of the two (positive: ours is better)."""
+    lines = []
+    for model, case in _cases_in_order(records):
+        rows = [r for r in records if (r["model"], r["case"]) == (model, case)]
+        if not any(r.get("family") == "ours" for r in rows) or all(r.get("family") == "ours" for r in rows):
+            continue
+        lines += [f"### {model}: {case}", "", "| ideal speedup | ours: best | best peer pack | best host built-in | "
+                  "margin dB |", "|---|---|---|---|---:|"]
+        for level in SPEEDUP_LEVELS:
+            best = {family: best_record([r for r in rows if r.get("family") == family], level)
+                    for family in ("ours", "peer", "host")}
+            others = [r["psnr"] for r in (best["peer"], best["host"]) if r is not None]
+            margin = None if best["ours"] is None or not others else best["ours"]["psnr"] - max(others)
+            lines.append(f"| ≥{level:g}× | {_best_cell(best['ours'])} | {_best_cell(best['peer'])} | "
+                         f"{_best_cell(best['host'])} | {_fmt(margin, '+.1f')} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _cases_in_order(records):
@@ -60,13 +93,13 @@ def failures_section(records: list) -> list:
 
 
 def records_table(records: list) -> str:
-    lines = ["| model | case | method | setting | compute fraction | ideal × | wall-clock × | efficiency | PSNR dB | "
-             "SSIM | latent PSNR | cache KiB | status |", "|---|---|---|---|" + "---:|" * 8 + "---|"]
+    lines = ["| model | case | method | setting | compute fraction | report fraction | ideal × | wall-clock × | "
+             "efficiency | PSNR dB | SSIM | latent PSNR | cache KiB | status |", "|---|---|---|---|" + "---:|" * 9 + "---|"]
     for r in records:
         status = r["status"] if r["status"] == "ok" else f"failed: {error_summary(r['error'])}"
         kib = None if r["cache_bytes"] is None else r["cache_bytes"] / 1024
         lines.append(f"| {r['model']} | {r['case']} | {r['method']} | {setting_text(r['setting'])} | "
-                     f"{_fmt(r['compute_fraction'], '.3f')} | {_fmt(r['ideal_speedup'])} | {_fmt(r['wallclock_speedup'])} | "
+                     f"{_fmt(r['compute_fraction'], '.3f')} | {_fmt(r['report_fraction'], '.3f')} | {_fmt(r['ideal_speedup'])} | {_fmt(r['wallclock_speedup'])} | "
                      f"{_fmt(r['efficiency'])} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.4f')} | "
                      f"{_fmt(r['latent_psnr'], '.2f')} | {_fmt(kib, '.1f')} | {status.replace('|', '/')} |")
     return "\n".join(lines)
@@ -79,9 +112,13 @@ def write_markdown(path: str, records: list, speed_records: list, context: dict)
     lines += [f"- {kind}: {origin}" for kind, origin in context["models"].items()]
     lines += ["", f"PSNR/SSIM: decoded output vs the uncached output of the same graph and seed, mean over the "
               f"samples; {PSNR_CAP:g} dB = identical. Ideal speedup = 1 / compute fraction; wall-clock = median "
-              "sampler time of interleaved uncached / cached runs (see benchmarks/frontier.py). Tiny models on a "
+              "sampler time of interleaved uncached / cached runs (see benchmarks/frontier/__init__.py). Tiny models on a "
               "shared CPU: wall-clock numbers are indicative; the slice below is the speed measurement.", "",
               "## Best PSNR at or above an ideal speedup", "", frontier_table(records)]
+    versus = versus_table(records)
+    if versus:
+        lines += ["## Ours vs the best other pack and built-in at each speedup (best PSNR at or above it)", "",
+                  versus]
     if speed_records:
         lines += ["## Speed: real-dims slice (efficiency = wall-clock / ideal speedup)", "",
                   "| method | setting | ideal × | wall-clock × | efficiency |", "|---|---|---:|---:|---:|"]
