@@ -15,6 +15,7 @@ from benchmarks.frontier.measure import SamplerClock, run_case
 from benchmarks.frontier.methods import (COMFY_NODES, DEFAULT_METHODS, QUICK_SPEEDS, SLICE_METHODS, SLICE_SPEEDS,
                                          Param, build_methods, our_method, pack_methods, parse_sets,
                                          workflow_method_name)
+from benchmarks.frontier.peers import peer_methods
 from benchmarks.frontier.report import (error_summary, frontier_table, setting_text, versus_table, write_markdown,
                                         write_plot)
 
@@ -28,6 +29,8 @@ def parse_args(argv):
     parser.add_argument("--cases", nargs="+",
                         help="default: all (wan-image wan-image-dpm wan-image-unipc wan-video flux-image slice)")
     parser.add_argument("--methods", nargs="+", help=f"default: {' '.join(DEFAULT_METHODS)}")
+    parser.add_argument("--peers", metavar="DIR",
+                        help="run the other caching packs of peers.py from their checkouts in DIR (make bench-peers)")
     parser.add_argument("--pack", help="another custom node pack (folder) to load")
     parser.add_argument("--node", action="append", default=[], help="a MODEL->MODEL node class of --pack (repeatable)")
     parser.add_argument("--param", action="append", default=[],
@@ -97,6 +100,10 @@ def main(argv=None) -> int:
                              else DEFAULT_METHODS)
     packs = pack_methods(host, args.pack, args.node, params, case_ids) if args.pack else []
     methods = build_methods(host, names, args.quick, sets, params, case_ids) + packs
+    peer_commits = {}
+    if args.peers:
+        peer_list, peer_commits = peer_methods(host, args.peers, case_ids, args.quick)
+        methods += peer_list
     # The slice has random weights: only fixed schedules mean the same there as on a real model.
     slice_speeds = QUICK_SPEEDS if args.quick else SLICE_SPEEDS
     slice_methods = [m for m in (our_method(host, n, slice_speeds, sets) for n in args.methods or SLICE_METHODS
@@ -118,7 +125,8 @@ def main(argv=None) -> int:
 
     context = dict(command="python -m benchmarks.frontier " + " ".join(sys.argv[1:] if argv is None else argv),
                    host=host_module.comfyui_path(), device="cuda" if torch.cuda.is_available() else "cpu",
-                   seconds=time.perf_counter() - started, date=time.strftime("%Y-%m-%d %H:%M"), models=origins)
+                   seconds=time.perf_counter() - started, date=time.strftime("%Y-%m-%d %H:%M"), models=origins,
+                   peers=peer_commits)
     with open(os.path.join(args.out, "frontier.json"), "w") as f:
         json.dump(records + speed_records, f, indent=1, default=str)
     write_markdown(os.path.join(args.out, "frontier.md"), records, speed_records, context)

@@ -100,11 +100,14 @@ def _sampler_seconds(timings: list, uncached: list) -> float:
     return statistics.median(t[0] + t[2] * per_step for t in timings)
 
 
+RAISED_AT = "\n\nraised at:\n"
+
+
 def failure_text(error: BaseException) -> str:
-    """The whole error (a host validation or node failure carries its cause on the lines after the
-    first) and where the benchmark saw it raised."""
+    """The whole error (a host validation or node failure carries its cause, the node's traceback
+    included, on the lines after the first) and where the benchmark saw it raised."""
     where = "".join(traceback.format_tb(error.__traceback__)[-3:]) if error.__traceback__ else ""
-    return f"{type(error).__name__}: {str(error).strip()}\n{where}".strip()
+    return f"{type(error).__name__}: {str(error).strip()}" + (RAISED_AT + where.rstrip() if where else "")
 
 
 def new_record(case, method: Method, setting: dict) -> dict:

@@ -25,7 +25,7 @@ SLICE_SPEEDS = (0.5,)  # fixed interval 3
 COMFY_NODES = {"comfy:EasyCache": ("EasyCache", (0.01, 0.02, 0.05, 0.15)),
                "comfy:LazyCache": ("LazyCache", (0.05, 0.15, 0.4, 1.0))}
 QUICK_COMFY_THRESHOLDS = (0.2,)
-DEFAULT_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@blocks", "teacache+reuse@span",
+DEFAULT_METHODS = ("default", "fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@blocks", "teacache+reuse@span",
                    "teacache+taylor1@span", "teacache+taylor2@span", "first_block+reuse@span",
                    "easycache+reuse@model", *COMFY_NODES)
 SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks")
@@ -159,11 +159,12 @@ def our_method(host, name: str, speeds, sets: dict | None = None) -> Method:
     return Method(name, settings, rewrite, "ours", fixed_schedule=method.fixed_schedule)
 
 
-def unsupported_method(name: str, error: Exception) -> Method:
-    """A method these nodes cannot express: one failed record per case, with the reason."""
+def failing_method(name: str, error: Exception, family: str = "ours") -> Method:
+    """A method that cannot run here (nodes that lack a part of it, a pack that does not load): one
+    failed record per case, with the reason."""
     def rewrite(graph, setting):
         raise error
-    return Method(name, [{}], rewrite, "ours")
+    return Method(name, [{}], rewrite, family)
 
 
 def workflow_method_name(host, graph: dict) -> str:
@@ -197,15 +198,16 @@ def node_method(host, name: str, class_type: str, params: list, family: str, cas
     `params` (Param) give input values; the cartesian product is the sweep, inputs not given keep their
     defaults. A param scoped to a case applies there only, on top of the unscoped ones."""
     cls = host.node_classes[class_type]
+    accepted = names.node_inputs(host, class_type)
+    if accepted.get("model", (None,))[0] != "MODEL" or "MODEL" not in list(cls.RETURN_TYPES):
+        raise ValueError(f"{name} is not a MODEL -> MODEL node (inputs {list(accepted)}, outputs {list(cls.RETURN_TYPES)})")
     required = cls.INPUT_TYPES().get("required", {})
-    if required.get("model", (None,))[0] != "MODEL" or "MODEL" not in list(cls.RETURN_TYPES):
-        raise ValueError(f"{name} is not a MODEL -> MODEL node (inputs {list(required)}, outputs {list(cls.RETURN_TYPES)})")
     inputs = {k: v for k, v in names.node_defaults(host, class_type).items() if k != "model"}
     mine = [p for p in params if p.node in (None, class_type)]
     for param in mine:
-        if param.key not in required or param.key == "model":
+        if param.key not in accepted or param.key == "model":
             raise ValueError(f"{name} has no input '{param.key}'; its inputs: "
-                             f"{', '.join(k for k in required if k != 'model')}")
+                             f"{', '.join(k for k in accepted if k != 'model')}")
         if param.case is not None and param.case not in case_ids:
             raise ValueError(f"--param {param.node or ''}.{param.key}@{param.case}: unknown case '{param.case}'; "
                              f"available: {', '.join(case_ids)}")
@@ -214,7 +216,7 @@ def node_method(host, name: str, class_type: str, params: list, family: str, cas
         sweep = {}
         for param in mine:
             if param.case in (None, case):
-                sweep[param.key] = [parse_value(required[param.key][0], v) for v in param.values]
+                sweep[param.key] = [parse_value(accepted[param.key][0], v) for v in param.values]
         missing = [k for k in required if k != "model" and k not in inputs and k not in sweep]
         if missing:
             raise ValueError(f"{name}: give --param values for the inputs without defaults: {', '.join(missing)}")
@@ -267,7 +269,7 @@ def build_methods(host, method_names, quick: bool, sets: dict | None = None, par
         try:
             methods.append(our_method(host, name, QUICK_SPEEDS if quick else SPEEDS, sets))
         except names.UnsupportedByNodes as error:
-            methods.append(unsupported_method(name, error))
+            methods.append(failing_method(name, error))
         except ValueError as error:
             raise ValueError(f"unknown method '{name}'. Available: {', '.join(DEFAULT_METHODS)}; or "
                              f"{names.grammar(host)}; other packs' nodes: --pack/--node ({error})") from None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from benchmarks.frontier.measure import PSNR_CAP
+from benchmarks.frontier.measure import PSNR_CAP, RAISED_AT
 
 SPEEDUP_LEVELS = (2.0, 3.0, 4.0, 5.0)
 
@@ -76,7 +76,8 @@ def frontier_table(records: list) -> str:
 
 def error_summary(error: str) -> str:
     """One line for a table cell: the error's first line and, when it has more, its last (usually the cause)."""
-    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    message = error.split(RAISED_AT)[0]
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     return lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
 
 
@@ -110,6 +111,8 @@ def write_markdown(path: str, records: list, speed_records: list, context: dict)
              f"Command: `{context['command']}`  ", f"Host: ComfyUI at {context['host']}, device {context['device']}  ",
              f"Finished in {context['seconds']:.0f} s on {context['date']}", ""]
     lines += [f"- {kind}: {origin}" for kind, origin in context["models"].items()]
+    lines += [f"- peer pack {pack}: commit {commit or 'unknown (not a git checkout)'}"
+              for pack, commit in context.get("peers", {}).items()]
     lines += ["", f"PSNR/SSIM: decoded output vs the uncached output of the same graph and seed, mean over the "
               f"samples; {PSNR_CAP:g} dB = identical. Ideal speedup = 1 / compute fraction; wall-clock = median "
               "sampler time of interleaved uncached / cached runs (see benchmarks/frontier/__init__.py). Tiny models on a "
