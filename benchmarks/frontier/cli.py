@@ -13,7 +13,7 @@ from benchmarks import host as host_module
 from benchmarks.frontier import cases as frontier_cases
 from benchmarks.frontier.measure import SamplerClock, run_case
 from benchmarks.frontier.methods import (COMFY_NODES, DEFAULT_METHODS, QUICK_SPEEDS, SLICE_METHODS, SLICE_SPEEDS,
-                                         Param, build_methods, our_method, pack_methods, parse_sets,
+                                         Param, build_methods, pack_methods, parse_sets,
                                          workflow_method_name)
 from benchmarks.frontier.peers import peer_methods
 from benchmarks.frontier.report import (error_summary, frontier_table, setting_text, versus_table, write_markdown,
@@ -49,6 +49,9 @@ def parse_args(argv):
     schedule.add_argument("--cfg", type=float)
     schedule.add_argument("--labels", type=int, nargs="+", help="label rows of the label file (not with --workflow)")
     schedule.add_argument("--seeds", type=int, nargs="+", help="one sample per seed (and label)")
+    parser.add_argument("--repeats", type=int,
+                        help="interleaved uncached/cached runs timed per setting (default: 1 with --quick, else the "
+                             "case's: 2-3)")
     args = parser.parse_args(argv)
     if bool(args.model_file) != bool(args.cond_file):
         parser.error("--model-file and --cond-file go together")
@@ -56,6 +59,8 @@ def parse_args(argv):
         parser.error("--pack and --node go together")
     if args.workflow and args.model_file:
         parser.error("--workflow and --model-file are alternatives")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     return args
 
 
@@ -93,9 +98,16 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     host = host_module.boot(output_dir=os.path.join(args.out, "comfy"), cpu=not torch.cuda.is_available())
     cases, origins = select_cases(host, args)
+    for case in cases:
+        case.repeats = args.repeats or (1 if args.quick else case.repeats)
     workflow = cases[0] if args.workflow else None
     case_ids = [c.id for c in cases]
     params, sets = [Param.parse(p) for p in args.param], parse_sets(host, args.sets)
+    if args.pack:
+        host.load_pack(args.pack)
+    for param in params:
+        if param.node is not None and param.node not in host.node_classes:
+            raise ValueError(f"--param {param.node}.{param.key}: no node class '{param.node}' is loaded")
     names = args.methods or ([workflow_method_name(host, workflow.graphs[0]), *COMFY_NODES] if workflow
                              else DEFAULT_METHODS)
     packs = pack_methods(host, args.pack, args.node, params, case_ids) if args.pack else []
@@ -106,8 +118,8 @@ def main(argv=None) -> int:
         methods += peer_list
     # The slice has random weights: only fixed schedules mean the same there as on a real model.
     slice_speeds = QUICK_SPEEDS if args.quick else SLICE_SPEEDS
-    slice_methods = [m for m in (our_method(host, n, slice_speeds, sets) for n in args.methods or SLICE_METHODS
-                                 if n not in COMFY_NODES) if m.fixed_schedule] + packs
+    slice_methods = [m for m in build_methods(host, [n for n in args.methods or SLICE_METHODS if n not in COMFY_NODES],
+                                              args.quick, sets, speeds=slice_speeds) if m.fixed_schedule] + packs
 
     def progress(record, seconds):
         detail = (f"{record['ideal_speedup']:.2f}x ideal, {record['wallclock_speedup']:.2f}x wall, "

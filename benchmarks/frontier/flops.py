@@ -46,9 +46,12 @@ class _CountingMode(TorchDispatchMode):
     def __init__(self, count: FlopCount):
         super().__init__()
         self.count = count
+        self.atomic: set = set()  # ops without a formula that do not decompose: run as they are
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in self.atomic:
+            return func(*args, **kwargs)
         if func in _SHAPE_QUERIES:
             return NotImplemented
         packet = func._overloadpacket
@@ -58,6 +61,7 @@ class _CountingMode(TorchDispatchMode):
                 out = func.decompose(*args, **kwargs)
             if out is not NotImplemented:
                 return out
+            self.atomic.add(func)
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         if self.count._model_depth:

@@ -256,7 +256,10 @@ def pack_methods(host, pack: str, classes: list[str], params: list, case_ids=())
     return methods
 
 
-def build_methods(host, method_names, quick: bool, sets: dict | None = None, params=(), case_ids=()) -> list[Method]:
+def build_methods(host, method_names, quick: bool, sets: dict | None = None, params=(), case_ids=(),
+                  speeds=None) -> list[Method]:
+    """Ours and the host's built-ins by name; `speeds` replaces the default sweep of ours."""
+    speeds = speeds or (QUICK_SPEEDS if quick else SPEEDS)
     methods = []
     for name in method_names:
         if name in COMFY_NODES:
@@ -267,7 +270,7 @@ def build_methods(host, method_names, quick: bool, sets: dict | None = None, par
             methods.append(node_method(host, name, class_type, sweep + scoped, "host", case_ids))
             continue
         try:
-            methods.append(our_method(host, name, QUICK_SPEEDS if quick else SPEEDS, sets))
+            methods.append(our_method(host, name, speeds, sets))
         except names.UnsupportedByNodes as error:
             methods.append(failing_method(name, error))
         except ValueError as error:
