@@ -170,9 +170,9 @@ def name_of(host, graph: dict, apply_id: str) -> str:
             return DEFAULT_NAME
     policy = linked.get("policy", {}).get("method") or node_defaults(host, NODE_TYPES["policy"])["method"]
     forecaster = linked.get("forecaster", {"method": "reuse"})
-    kind = forecaster["method"]
-    order = forecaster.get("order")
-    token = kind if kind == "reuse" or order is None else f"{kind}{order}"
+    kind, order = forecaster["method"], forecaster.get("order")
+    default_order = node_defaults(host, NODE_TYPES["forecaster"]).get("order")
+    token = kind if kind == "reuse" or order in (None, default_order) else f"{kind}{order}"
     name = f"{policy}+{token}@{apply['site']}"
     if "tokens" in linked:
         tokens = linked["tokens"]

@@ -75,10 +75,11 @@ def frontier_table(records: list) -> str:
 
 
 def error_summary(error: str) -> str:
-    """One line for a table cell: the error's first line and, when it has more, its last (usually the cause)."""
+    """One line for a table cell: the error's first line, and the next one when the first only
+    announces it (a host validation error's cause follows "invalid prompt:")."""
     message = error.split(RAISED_AT)[0]
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    return lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def failures_section(records: list) -> list:
