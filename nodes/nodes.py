@@ -180,11 +180,15 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 CachePolicy.Input("policy", optional=True, tooltip="Default: TeaCache at speed 0.5."),
                 CacheForecaster.Input("forecaster", optional=True, tooltip="Default: reuse."),
                 CacheTokens.Input("tokens", optional=True, tooltip="Token-level partial recompute (not available yet)."),
-                io.Int.Input("cfg_refresh", default=0, min=0, max=100, optional=True,
-                             tooltip="CFG-branch cache (FasterCache): with cfg > 1, the negative (unconditional) "
-                                     "branch is computed only every N steps and filled in between from the positive "
-                                     "branch plus their cached difference, halving the batch on those steps. "
-                                     "0: off; N >= 2. Any site. Does nothing at cfg 1 (the report says so)."),
+                io.Boolean.Input("cfg_cache", default=False, optional=True,
+                                 tooltip="CFG-branch cache (FasterCache): with cfg > 1, the negative (unconditional) "
+                                         "branch is computed only on every cfg_refresh-th computed step and filled "
+                                         "in between from the positive branch plus their cached difference, "
+                                         "halving the batch on those steps. Any site. Does nothing at cfg 1 (the "
+                                         "report says so)."),
+                io.Int.Input("cfg_refresh", default=3, min=2, max=100, optional=True,
+                             tooltip="CFG-branch cache only: both branches are computed on every N-th computed step, "
+                                     "refreshing their cached difference."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -192,12 +196,12 @@ class ApplyFeatureCacheNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, site, probe_blocks, corrector_blocks, cache_device, memory_budget_mb,
-                policy=None, forecaster=None, tokens=None, cfg_refresh=0):
+                policy=None, forecaster=None, tokens=None, cfg_cache=False, cfg_refresh=3):
         site_config = _build(Site, kind=site, probe_blocks=probe_blocks if site != "model" else 0,
                              corrector_blocks=corrector_blocks if site != "model" else 0)
         config = _build(CacheConfig, policy=policy or TeaCache(), forecaster=forecaster or ForecasterConfig(),
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
-                        memory_budget_mb=memory_budget_mb, cfg_refresh=cfg_refresh)
+                        memory_budget_mb=memory_budget_mb, cfg_refresh=cfg_refresh if cfg_cache else 0)
         return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
 
 

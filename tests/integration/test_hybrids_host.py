@@ -58,7 +58,7 @@ def test_blocks_run_exactly_what_the_trace_says(family, method, site, paths, run
 @pytest.mark.parametrize("family", list(GRAPHS))
 def test_cfg_branch_cache_halves_the_batch_on_its_filled_steps(family, paths, run_graph, baselines, count_block_rows):
     graph = with_cache(GRAPHS[family](paths, steps=STEPS), policy={"method": "fixed", "speed": 0.0},
-                       apply={"site": "model", "cfg_refresh": 2})
+                       apply={"site": "model", "cfg_cache": True, "cfg_refresh": 2})
     latent, report = run_graph(graph)
     assert torch.isfinite(latent).all() and not torch.equal(latent, baselines[family])
     shares = [e["share"] for e in report["trace"]["evaluations"]]
@@ -73,7 +73,7 @@ def test_cfg_branch_cache_halves_the_batch_on_its_filled_steps(family, paths, ru
 def test_cfg_branch_cache_leaves_feature_cache_fills_to_the_feature_cache(paths, run_graph):
     """Only computed evaluations are CFG-filled or refresh the difference: a filled step fills both branches."""
     graph = with_cache(GRAPHS["wan"](paths, steps=STEPS), policy={"method": "fixed", "threshold": 2.0, "warmup_steps": 0},
-                       apply={"site": "model", "cfg_refresh": 3})
+                       apply={"site": "model", "cfg_cache": True, "cfg_refresh": 3})
     latent, report = run_graph(graph)
     evaluations = report["trace"]["evaluations"]
     assert [e["decision"] for e in evaluations] == ["computed", "reused"] * (STEPS // 2)
@@ -86,7 +86,7 @@ def test_cfg_branch_cache_at_cfg_1_does_nothing_and_says_so(paths, run_graph):
     plain = GRAPHS["wan"](paths, steps=STEPS, cfg=1.0)
     reference, _ = run_graph(plain)
     latent, report = run_graph(with_cache(plain, policy={"method": "fixed", "speed": 0.0},
-                                          apply={"site": "model", "cfg_refresh": 2}))
+                                          apply={"site": "model", "cfg_cache": True, "cfg_refresh": 2}))
     assert torch.equal(latent, reference)
     assert any("cfg 1" in note for note in report["notes"])
 
