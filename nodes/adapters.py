@@ -1,39 +1,59 @@
 """One description per architecture: its block kinds, their hidden streams, and its TeaCache indicator.
 
-Everything else (hooks, the engine) is shared. A family is supported at block sites when its
-forward offers `patches_replace["dit"]` for every block; the whole-model site works on any model.
+Everything else (hooks, the engine) is shared. Two ways into the blocks, both from the host's public
+surface and both reversible:
+- `REPLACE`: the forward offers `patches_replace["dit"][(kind, i)]` for every block (Flux, Wan, ...);
+  the args dict it passes is the block's input, the dict returned its output.
+- `FORWARD`: the forward has no such hook (Lumina2, HiDream, Cosmos, PixArt). For the duration of one
+  model call the block modules get an instance attribute `forward` that routes the call through the
+  engine and on to the class's own forward; it is deleted in `finally`. Module and parameter names
+  never change (LoRA and lowvram key weights by them). The args dict is the block forward's bound
+  arguments by parameter name; `returns` names what the forward returns, in order.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+REPLACE = "replace"
+FORWARD = "forward"
+
 
 @dataclass(frozen=True)
 class BlockKind:
-    name: str  # key used by the model in patches_replace["dit"][(name, i)]
-    attribute: str  # the ModuleList on the diffusion model
-    streams: tuple  # hidden-state entries of the replace args / returned dict
+    name: str  # key used by the model in patches_replace["dit"][(name, i)], or a row name for FORWARD
+    attribute: str  # the ModuleList (or ModuleDict) on the diffusion model
+    streams: tuple  # hidden-state entries of the args dict that the block updates
+    returns: tuple = ()  # FORWARD: names of the forward's return values; REPLACE: () (a dict comes back)
+    bare_output: bool = False  # REPLACE: the host's original_block returns the tensor of streams[0], not a dict
 
 
 @dataclass(frozen=True)
 class Adapter:
     family: str
-    model_class: str  # module.qualname of the diffusion model class
+    model_classes: tuple  # module.qualname of the diffusion model classes it describes
     kinds: tuple
     modulated_input: Optional[Callable] = None  # (block module, args) -> timestep-modulated input of block 0
+    hook: str = REPLACE
+
+    def blocks(self, diffusion_model, kind: BlockKind) -> list:
+        container = getattr(diffusion_model, kind.attribute)
+        return list(container.values()) if isinstance(container, torch.nn.ModuleDict) else list(container)
 
     def layout(self, diffusion_model) -> list[tuple[str, int]]:
-        return [(k.name, len(getattr(diffusion_model, k.attribute))) for k in self.kinds]
+        return [(k.name, len(self.blocks(diffusion_model, k))) for k in self.kinds]
 
     def streams(self) -> dict:
         return {k.name: k.streams for k in self.kinds}
 
+    def kind(self, name: str) -> BlockKind:
+        return next(k for k in self.kinds if k.name == name)
+
     def block(self, diffusion_model, kind: str, index: int):
-        attribute = next(k.attribute for k in self.kinds if k.name == kind)
-        return getattr(diffusion_model, attribute)[index]
+        return self.blocks(diffusion_model, self.kind(kind))[index]
 
 
 def _flux_modulated_input(block, args) -> torch.Tensor:
@@ -55,20 +75,50 @@ def _wan_modulated_input(block, args) -> torch.Tensor:
     return block.norm1(args["img"]) * (1 + scale) + shift
 
 
+_DOUBLE_SINGLE = (BlockKind("double_block", "double_blocks", ("img", "txt")),
+                  BlockKind("single_block", "single_blocks", ("img",)))  # single blocks see cat(txt, img)
+_WAN = "comfy.ldm.wan.model."
+
 ADAPTERS = (
-    Adapter(
-        family="Flux",
-        model_class="comfy.ldm.flux.model.Flux",
-        kinds=(BlockKind("double_block", "double_blocks", ("img", "txt")),
-               BlockKind("single_block", "single_blocks", ("img",))),
-        modulated_input=_flux_modulated_input,
-    ),
-    Adapter(
-        family="Wan 2.1 / 2.2",
-        model_class="comfy.ldm.wan.model.WanModel",
-        kinds=(BlockKind("double_block", "blocks", ("img",)),),
-        modulated_input=_wan_modulated_input,
-    ),
+    Adapter("Flux (incl. Kontext, Flux 2)", ("comfy.ldm.flux.model.Flux",), _DOUBLE_SINGLE,
+            modulated_input=_flux_modulated_input),
+    Adapter("Chroma", ("comfy.ldm.chroma.model.Chroma", "comfy.ldm.chroma_radiance.model.ChromaRadiance"),
+            _DOUBLE_SINGLE),
+    Adapter("HunyuanVideo / HunyuanImage", ("comfy.ldm.hunyuan_video.model.HunyuanVideo",), _DOUBLE_SINGLE,
+            modulated_input=_flux_modulated_input),
+    Adapter("Wan 2.1 / 2.2 (T2V, I2V, VACE, Fun/camera, S2V, HuMo, Animate)",
+            (_WAN + "WanModel", _WAN + "VaceWanModel", _WAN + "CameraWanModel", _WAN + "WanModel_S2V",
+             _WAN + "HumoWanModel", "comfy.ldm.wan.model_animate.AnimateWanModel"),
+            (BlockKind("double_block", "blocks", ("img",)),), modulated_input=_wan_modulated_input),
+    Adapter("SD3 / SD3.5 (MMDiT)", ("comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper",),
+            (BlockKind("double_block", "joint_blocks", ("img", "txt")),)),
+    Adapter("Qwen-Image (incl. Edit)", ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",),
+            (BlockKind("double_block", "transformer_blocks", ("img", "txt")),)),
+    Adapter("LTXV", ("comfy.ldm.lightricks.model.LTXVModel",),
+            (BlockKind("double_block", "transformer_blocks", ("img",)),)),
+    Adapter("Mochi", ("comfy.ldm.genmo.joint_model.asymm_models_joint.AsymmDiTJoint",),
+            (BlockKind("double_block", "blocks", ("img", "txt")),)),
+    Adapter("AuraFlow", ("comfy.ldm.aura.mmdit.MMDiT",),
+            (BlockKind("double_block", "double_layers", ("img", "txt")),
+             BlockKind("single_block", "single_layers", ("img",)))),
+    Adapter("Kandinsky 5", ("comfy.ldm.kandinsky5.model.Kandinsky5",),
+            (BlockKind("double_block", "visual_transformer_blocks", ("x",), bare_output=True),)),
+    Adapter("HunyuanDiT", ("comfy.ldm.hydit.models.HunYuanDiT",),
+            (BlockKind("double_block", "blocks", ("img",)),)),
+    # No block replace hook in these forwards: the block modules' forward is routed for the call.
+    Adapter("Lumina 2 / Z-Image", ("comfy.ldm.lumina.model.NextDiT",),
+            (BlockKind("layer", "layers", ("x",), returns=("x",)),), hook=FORWARD),
+    Adapter("HiDream", ("comfy.ldm.hidream.model.HiDreamImageTransformer2DModel",),
+            (BlockKind("double_block", "double_stream_blocks", ("image_tokens", "text_tokens"),
+                       returns=("image_tokens", "text_tokens")),
+             BlockKind("single_block", "single_stream_blocks", ("image_tokens",), returns=("image_tokens",))),
+            hook=FORWARD),
+    Adapter("Cosmos Predict2", ("comfy.ldm.cosmos.predict2.MiniTrainDIT",),
+            (BlockKind("block", "blocks", ("x_B_T_H_W_D",), returns=("x_B_T_H_W_D",)),), hook=FORWARD),
+    Adapter("Cosmos 1", ("comfy.ldm.cosmos.model.GeneralDIT",),
+            (BlockKind("block", "blocks", ("x",), returns=("x",)),), hook=FORWARD),
+    Adapter("PixArt", ("comfy.ldm.pixart.pixartms.PixArtMS",),
+            (BlockKind("block", "blocks", ("x",), returns=("x",)),), hook=FORWARD),
 )
 
 
@@ -76,13 +126,41 @@ class UnsupportedModel(ValueError):
     pass
 
 
+class HostDrift(RuntimeError):
+    pass
+
+
+def class_name(obj) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def adapter_for(diffusion_model) -> Adapter:
-    cls = type(diffusion_model)
-    name = f"{cls.__module__}.{cls.__qualname__}"
+    name = class_name(diffusion_model)
     for adapter in ADAPTERS:
-        if adapter.model_class == name:
+        if name in adapter.model_classes:
             return adapter
-    families = ", ".join(a.family for a in ADAPTERS)
+    families = "; ".join(a.family for a in ADAPTERS)
     raise UnsupportedModel(
-        f"block-level caching does not support this model ({cls.__name__}) yet; supported families: {families}. "
-        "Use the 'model' site, which works on any model.")
+        f"block-level caching does not support this model ({type(diffusion_model).__name__}) yet; supported "
+        f"families: {families}. Use the 'model' site, which works on any model.")
+
+
+def check_host(adapter: Adapter, diffusion_model, host_version: str) -> None:
+    """Fails before sampling when the host's class no longer has what the description relies on."""
+    for kind in adapter.kinds:
+        container = getattr(diffusion_model, kind.attribute, None)
+        if not isinstance(container, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            raise HostDrift(
+                f"host drift: the {adapter.family} adapter expects the block list '{kind.attribute}' on "
+                f"{type(diffusion_model).__name__}, which ComfyUI {host_version} does not have. Use the 'model' "
+                "site, or a ComfyUI version this pack supports.")
+        if adapter.hook == FORWARD:
+            for block in adapter.blocks(diffusion_model, kind)[:1]:
+                parameters = inspect.signature(type(block).forward).parameters
+                missing = [s for s in kind.streams if s not in parameters]
+                if missing:
+                    raise HostDrift(
+                        f"host drift: the {adapter.family} adapter expects {type(block).__name__}.forward to take "
+                        f"'{missing[0]}' (in '{kind.attribute}'), which ComfyUI {host_version} does not. Use the "
+                        "'model' site, or a ComfyUI version this pack supports.")

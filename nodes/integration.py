@@ -1,27 +1,41 @@
 """Hooks the engine into ComfyUI through ModelPatcher wrappers and block replace patches only.
 
-Nothing of the model is modified: `install` returns a clone carrying an OUTER_SAMPLE wrapper that
-creates a fresh CacheRun per sampling run (dropped in `finally`), plus either an APPLY_MODEL
-wrapper (whole-model site) or `patches_replace["dit"]` entries (block sites).
+`install` returns a clone carrying an OUTER_SAMPLE wrapper that creates a fresh CacheRun per sampling
+run (dropped in `finally`), plus an APPLY_MODEL wrapper: at the whole-model site it caches the model
+output; at block sites it makes the run reachable from every block of the call (some forwards do not
+pass transformer_options to their block hooks) and, for families without a block replace hook, routes
+the block modules' forward through the engine for the duration of the call (see adapters.FORWARD).
+Block sites of hooked families use `patches_replace["dit"]` entries. The model is never left modified.
 """
 from __future__ import annotations
 
+import contextvars
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Optional
-
 
 import comfy.model_patcher
 import comfy.patcher_extension
 
 from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED
-from .adapters import Adapter, adapter_for
+from .adapters import FORWARD, Adapter, BlockKind, adapter_for, check_host
 from .progress import send, with_progress
 
 WRAPPER_KEY = "feature_cache"
 SETUP_KEY = "feature_cache_setup"
 RUN_KEY = "feature_cache_run"
 log = logging.getLogger("FeatureCache")
+# The transformer_options of the model call in progress (for block hooks whose args lack them).
+_CALL_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("feature_cache_call_options", default=None)
+
+
+def host_version() -> str:
+    try:
+        import comfyui_version
+        return comfyui_version.__version__
+    except ImportError:
+        return "(unknown version)"
 
 
 class CacheHandle:
@@ -55,6 +69,7 @@ def install(model, config: CacheConfig, handle: CacheHandle):
     adapter, layout = None, ()
     if config.site.uses_blocks:
         adapter = adapter_for(model.model.diffusion_model)
+        check_host(adapter, model.model.diffusion_model, host_version())
         layout = tuple(adapter.layout(model.model.diffusion_model))
         config.site.validate(list(layout))
     if config.tokens is not None:
@@ -66,11 +81,14 @@ def install(model, config: CacheConfig, handle: CacheHandle):
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
     if adapter is None:
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model)
-    else:
+        return model
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _block_call)
+    if adapter.hook != FORWARD:
         existing = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
         for kind, count in layout:
+            bare = adapter.kind(kind).bare_output
             for i in range(count):
-                model.set_model_patch_replace(BlockPatch(kind, i, existing.get((kind, i))), "dit", kind, i)
+                model.set_model_patch_replace(BlockPatch(kind, i, existing.get((kind, i)), bare), "dit", kind, i)
     return model
 
 
@@ -93,6 +111,9 @@ def _outer_sample(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
+        if setup.adapter is not None and not run.trace.evaluations:
+            run.notes.append(f"the {setup.adapter.family} model never called its block hooks in ComfyUI "
+                             f"{host_version()} (host drift?): nothing was cached")
         report = run.report()
         setup.handle.publish(report)
         send(run, setup.handle.node_id, len(sigmas) - 1, len(sigmas) - 1, done=True)
@@ -109,6 +130,7 @@ class _RunContext:
         self.setup = setup
         self.diffusion_model = diffusion_model
         self.blocks = None
+        self.saw_control = False
         if setup.adapter is not None:
             adapter = setup.adapter
             self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
@@ -117,6 +139,15 @@ class _RunContext:
     def _modulated_input(self, kind, index, args):
         block = self.setup.adapter.block(self.diffusion_model, kind, index)
         return self.setup.adapter.modulated_input(block, args)
+
+    def route_forwards(self, routed: list) -> None:
+        """Give each block module an instance `forward` for this call; appends (block, previous) to undo it."""
+        adapter = self.setup.adapter
+        for kind in adapter.kinds:
+            for i, block in enumerate(adapter.blocks(self.diffusion_model, kind)):
+                previous = block.__dict__.get("forward")
+                block.forward = _RoutedForward(block, kind, i, previous)
+                routed.append((block, previous))
 
     def __deepcopy__(self, memo):
         return self  # one run, one state, even if an extension deep-copies transformer_options
@@ -147,21 +178,78 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
     return x - scale * run.fill("model", x)
 
 
+def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    """Block sites, every model call: publish the call's options; route block forwards where there is no hook."""
+    context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
+    if context is None:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if control is not None and not context.saw_control:
+        context.saw_control = True
+        context.run.notes.append("ControlNet residuals entered the blocks: they are added after each block, outside the "
+                                 "cached residuals, so filled steps add the current step's control (caching stays on)")
+    token = _CALL_OPTIONS.set(transformer_options)
+    routed = []
+    try:
+        if context.setup.adapter.hook == FORWARD:
+            context.route_forwards(routed)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    finally:
+        for block, previous in routed:
+            del block.forward
+            if previous is not None:
+                block.forward = previous
+        _CALL_OPTIONS.reset(token)
+
+
+def _run_through_engine(kind: str, index: int, args: dict, run_block, transformer_options):
+    context: Optional[_RunContext] = (transformer_options or {}).get(RUN_KEY)
+    if context is None or context.blocks is None:
+        return run_block(args)
+    return context.blocks(kind, index, args, run_block, transformer_options["uuids"],
+                          _current_sigma(transformer_options))
+
+
 class BlockPatch:
     """patches_replace["dit"] entry for one block; chains to a replace patch that was there before."""
 
-    def __init__(self, kind: str, index: int, inner=None):
+    def __init__(self, kind: str, index: int, inner=None, bare_output: bool = False):
         self.kind = kind
         self.index = index
         self.inner = inner
+        self.bare_output = bare_output
 
     def __call__(self, args: dict, extra: dict) -> dict:
         original = extra["original_block"]
+        if self.bare_output:  # the engine works on dicts; the host's caller reads ["x"] of what we return
+            host_original, stream = original, next(iter(args))
+            original = lambda a: {stream: host_original(a)}  # noqa: E731
         run_block = original if self.inner is None else (lambda a: self.inner(a, {"original_block": original}))
-        transformer_options = args.get("transformer_options") or {}
-        context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
-        if context is None or context.blocks is None:
-            return run_block(args)
-        return context.blocks(self.kind, self.index, args, run_block, transformer_options["uuids"],
-                              _current_sigma(transformer_options))
+        options = args.get("transformer_options") or _CALL_OPTIONS.get()
+        return _run_through_engine(self.kind, self.index, args, run_block, options)
 
+
+class _RoutedForward:
+    """A block module's `forward` for one model call: binds the call's arguments by name, runs the engine."""
+
+    def __init__(self, block, kind: BlockKind, index: int, previous):
+        self.block, self.kind, self.index = block, kind, index
+        self.previous = previous  # an instance forward someone else set, chained to
+        self.signature = inspect.signature(type(block).forward)
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(self.block, *args, **kwargs)
+        names = list(bound.arguments)[1:]  # without self
+        arguments = {name: bound.arguments[name] for name in names}
+
+        def run(a: dict) -> dict:
+            bound.arguments.update(a)
+            call_args = bound.args[1:]
+            if self.previous is not None:
+                out = self.previous(*call_args, **bound.kwargs)
+            else:
+                out = type(self.block).forward(self.block, *call_args, **bound.kwargs)
+            return dict(zip(self.kind.returns, out if isinstance(out, tuple) else (out,)))
+
+        result = _run_through_engine(self.kind.name, self.index, arguments, run, _CALL_OPTIONS.get())
+        values = tuple(result[name] for name in self.kind.returns)
+        return values[0] if len(values) == 1 else values
