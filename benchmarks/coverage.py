@@ -14,6 +14,8 @@ Families the host does not have are "n/a" at every site.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -41,6 +43,8 @@ class Family:
     context: tuple  # text embedding shape, batch 1
     extra: dict = field(default_factory=dict)  # conditioning extras: name -> shape (tensor) or value
     build: Optional[Callable] = None  # custom builder (config) -> model_base.BaseModel
+    params: str = ""  # module.qualname of the parameter dataclass, when the host's version adds fields ...
+    newer: dict = field(default_factory=dict)  # ... these are passed only where that dataclass has them
 
 
 FAMILIES = {
@@ -49,7 +53,8 @@ FAMILIES = {
     "Chroma": Family("Chroma", dict(
         image_model="chroma", in_channels=64, out_channels=64, context_in_dim=64, hidden_size=64, mlp_ratio=4.0,
         num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
-        in_dim=64, out_dim=64, hidden_dim=64, n_layers=1), (1, 16, 8, 8), (1, 8, 64)),
+        in_dim=64, out_dim=64, hidden_dim=64, n_layers=1), (1, 16, 8, 8), (1, 8, 64), {"pooled_output": (1, 32)},
+        params="comfy.ldm.chroma.model.ChromaParams", newer=dict(txt_ids_dims=[], vec_in_dim=None)),
     "SD3": Family("SD3", dict(
         in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=32, pos_embed_max_size=16,
         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
@@ -58,26 +63,28 @@ FAMILIES = {
     "HunyuanVideo": Family("HunyuanVideo", dict(
         image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=64,
         mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=256, patch_size=[1, 2, 2],
-        qkv_bias=True, guidance_embed=True), (1, 16, 1, 8, 8), (1, 8, 64), {"pooled_output": (1, 32), "guidance": 3.5}),
+        qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False), (1, 16, 1, 8, 8), (1, 8, 64),
+        {"pooled_output": (1, 32), "guidance": 3.5}, params="comfy.ldm.hunyuan_video.model.HunyuanVideoParams",
+        newer=dict(use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)),
     "Qwen-Image": Family("QwenImage", dict(
         image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=3, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12)), (1, 16, 8, 8), (1, 8, 64)),
+        num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12)), (1, 16, 1, 8, 8), (1, 8, 64)),
     "LTXV": Family("LTXV", dict(
         image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
-        caption_channels=64, num_layers=3), (1, 128, 2, 4, 4), (1, 8, 64), {"frame_rate": 25.0}),
+        caption_channels=64, num_layers=3), (1, 128, 2, 4, 4), (1, 8, 64), {"frame_rate": 25.0, "attention_mask": (1, 8)}),
     "Mochi": Family("GenmoMochi", dict(
         image_model="mochi_preview", patch_size=2, in_channels=12, hidden_size_x=64, hidden_size_y=32, depth=3,
-        num_heads=2, mlp_ratio_x=2.0, mlp_ratio_y=2.0, t5_feat_dim=64, t5_token_length=8, qk_norm=True,
-        qkv_bias=False, out_bias=True, attention_mode="sdpa", patch_embed_bias=True, posenc_preserve_area=True,
-        timestep_mlp_bias=True, timestep_scale=1000.0, use_t5=True, attend_to_padding=False, use_extended_posenc=False),
-        (1, 12, 2, 8, 8), (1, 8, 64)),
+        num_heads=2, mlp_ratio_x=192.0, mlp_ratio_y=2.0, t5_feat_dim=64, t5_token_length=8, qk_norm=True,
+        qkv_bias=False, out_bias=True, patch_embed_bias=True, posenc_preserve_area=True,
+        timestep_mlp_bias=True, timestep_scale=1000.0, use_t5=True, learn_sigma=False, attend_to_padding=False, use_extended_posenc=False),
+        (1, 12, 2, 8, 8), (1, 8, 64), {"attention_mask": (1, 8)}),
     "AuraFlow": Family("AuraFlow", dict(
         in_channels=4, out_channels=4, patch_size=2, dim=64, n_layers=3, n_double_layers=1, n_heads=2,
         global_conddim=64, cond_seq_dim=64, max_seq=64), (1, 4, 8, 8), (1, 8, 64)),
     "Kandinsky 5": Family("Kandinsky5Image", dict(
         image_model="kandinsky5", in_visual_dim=16, out_visual_dim=16, in_text_dim=64, in_text_dim2=32,
         time_dim=32, model_dim=64, ff_dim=128, num_text_blocks=1, num_visual_blocks=3, axes_dims=(8, 12, 12),
-        visual_embed_dim=132), (1, 16, 1, 8, 8), (1, 8, 64), {"pooled_output": (1, 32)}),
+        visual_embed_dim=64), (1, 16, 1, 8, 8), (1, 8, 64), {"pooled_output": (1, 32)}),
     "HunyuanDiT": Family("HunyuanDiT", dict(
         image_model="hydit", input_size=[8, 8], patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=2,
         text_states_dim=64, text_states_dim_t5=32, text_len=8, text_len_t5=8, learn_sigma=True),
@@ -91,8 +98,7 @@ FAMILIES = {
         in_dim=36, out_dim=16, text_dim=64), (1, 16, 1, 8, 8), (1, 8, 64), {"concat_latent_image": (1, 16, 1, 8, 8)}),
     "Wan VACE": Family("WAN21_Vace", dict(
         image_model="wan2.1", model_type="vace", dim=128, ffn_dim=256, freq_dim=256, num_heads=1, num_layers=4,
-        in_dim=16, out_dim=16, text_dim=64, vace_layers=2, vace_in_dim=96), (1, 16, 1, 8, 8), (1, 8, 64),
-        {"vace_frames": (1, 32, 1, 8, 8), "vace_mask": (1, 64, 1, 8, 8), "vace_strength": [1.0]}),
+        in_dim=16, out_dim=16, text_dim=64, vace_layers=2, vace_in_dim=96), (1, 16, 1, 8, 8), (1, 8, 64)),
     "Wan Fun/camera": Family("WAN21_Camera", dict(
         image_model="wan2.1", model_type="camera", dim=128, ffn_dim=256, freq_dim=256, num_heads=1, num_layers=3,
         in_dim=32, out_dim=16, text_dim=64, in_dim_control_adapter=24), (1, 16, 1, 8, 8), (1, 8, 64),
@@ -100,13 +106,13 @@ FAMILIES = {
     "Lumina 2": Family("Lumina2", dict(
         image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=64, n_layers=3, n_heads=2,
         n_kv_heads=2, axes_dims=[8, 12, 12], axes_lens=[300, 64, 64], qk_norm=True, n_refiner_layers=1),
-        (1, 16, 8, 8), (1, 8, 64), {"num_tokens": 8}),
+        (1, 16, 8, 8), (1, 8, 64), {"attention_mask": (1, 8)}),
     "HiDream": Family("HiDream", dict(
         image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2,
-        attention_head_dim=32, num_attention_heads=2, caption_channels=[64, 32], text_emb_dim=32,
-        num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(16, 16), max_resolution=(16, 16),
-        llama_layers=[0, 1, 2, 3, 4, 5]), (1, 16, 8, 8), (1, 8, 32),
-        {"pooled_output": (1, 32), "conditioning_llama3": (1, 7, 8, 64)}),
+        attention_head_dim=32, num_attention_heads=2, caption_channels=[64, 64], text_emb_dim=32,
+        num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(8, 12, 12), max_resolution=(16, 16),
+        llama_layers=[0, 1, 2, 3]), (1, 16, 8, 8), (1, 8, 64),
+        {"pooled_output": (1, 32), "conditioning_llama3": (1, 4, 8, 64)}),
     "Cosmos Predict2": Family("CosmosT2IPredict2", dict(
         image_model="cosmos_predict2", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
         patch_spatial=2, patch_temporal=1, model_channels=64, num_blocks=3, num_heads=2, crossattn_emb_channels=64,
@@ -114,7 +120,7 @@ FAMILIES = {
     "PixArt": Family("PixArtAlpha", dict(
         image_model="pixart_alpha", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=2,
         caption_channels=64, pe_interpolation=1.0, micro_condition=False, model_max_length=8),
-        (1, 4, 8, 8), (1, 8, 64)),
+        (1, 4, 40, 40), (1, 8, 64)),  # PixArt's position embedding needs a latent side of at least 40
 }
 
 
@@ -133,6 +139,10 @@ def build(family: Family, seed: int = 0):
         model = family.build(family.unet_config)
     else:
         unet_config = dict(family.unet_config)
+        if family.params:
+            module, name = family.params.rsplit(".", 1)
+            fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+            unet_config.update({k: v for k, v in family.newer.items() if k in fields})
         config = getattr(comfy.supported_models, family.config_class)(unet_config)
         config.set_inference_dtype(torch.float32, None)
         model = config.get_model({})
@@ -155,7 +165,7 @@ def conditioning(family: Family, seed: int):
     for name, value in family.extra.items():
         extras[name] = make(value)
         if name.startswith("attention_mask"):
-            extras[name] = torch.ones(value)
+            extras[name] = torch.ones(value, dtype=torch.long)
     return [[make(family.context), extras]]
 
 

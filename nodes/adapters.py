@@ -28,7 +28,6 @@ class BlockKind:
     attribute: str  # the ModuleList (or ModuleDict) on the diffusion model
     streams: tuple  # hidden-state entries of the args dict that the block updates
     returns: tuple = ()  # FORWARD: names of the forward's return values; REPLACE: () (a dict comes back)
-    bare_output: bool = False  # REPLACE: the host's original_block returns the tensor of streams[0], not a dict
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,6 @@ ADAPTERS = (
     Adapter("AuraFlow", ("comfy.ldm.aura.mmdit.MMDiT",),
             (BlockKind("double_block", "double_layers", ("img", "txt")),
              BlockKind("single_block", "single_layers", ("img",)))),
-    Adapter("Kandinsky 5", ("comfy.ldm.kandinsky5.model.Kandinsky5",),
-            (BlockKind("double_block", "visual_transformer_blocks", ("x",), bare_output=True),)),
     Adapter("HunyuanDiT", ("comfy.ldm.hydit.models.HunYuanDiT",),
             (BlockKind("double_block", "blocks", ("img",)),)),
     # No block replace hook in these forwards: the block modules' forward is routed for the call.
@@ -112,6 +109,11 @@ ADAPTERS = (
             (BlockKind("double_block", "double_stream_blocks", ("image_tokens", "text_tokens"),
                        returns=("image_tokens", "text_tokens")),
              BlockKind("single_block", "single_stream_blocks", ("image_tokens",), returns=("image_tokens",))),
+            hook=FORWARD),
+    # Kandinsky 5 has a replace hook, but in ComfyUI 0.8.0 its original_block calls the block with argument
+    # names the block does not take, so any replace patch fails there: route the block forward instead.
+    Adapter("Kandinsky 5", ("comfy.ldm.kandinsky5.model.Kandinsky5",),
+            (BlockKind("visual_block", "visual_transformer_blocks", ("visual_embed",), returns=("visual_embed",)),),
             hook=FORWARD),
     Adapter("Cosmos Predict2", ("comfy.ldm.cosmos.predict2.MiniTrainDIT",),
             (BlockKind("block", "blocks", ("x_B_T_H_W_D",), returns=("x_B_T_H_W_D",)),), hook=FORWARD),

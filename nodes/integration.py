@@ -86,9 +86,8 @@ def install(model, config: CacheConfig, handle: CacheHandle):
     if adapter.hook != FORWARD:
         existing = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
         for kind, count in layout:
-            bare = adapter.kind(kind).bare_output
             for i in range(count):
-                model.set_model_patch_replace(BlockPatch(kind, i, existing.get((kind, i)), bare), "dit", kind, i)
+                model.set_model_patch_replace(BlockPatch(kind, i, existing.get((kind, i))), "dit", kind, i)
     return model
 
 
@@ -212,17 +211,13 @@ def _run_through_engine(kind: str, index: int, args: dict, run_block, transforme
 class BlockPatch:
     """patches_replace["dit"] entry for one block; chains to a replace patch that was there before."""
 
-    def __init__(self, kind: str, index: int, inner=None, bare_output: bool = False):
+    def __init__(self, kind: str, index: int, inner=None):
         self.kind = kind
         self.index = index
         self.inner = inner
-        self.bare_output = bare_output
 
     def __call__(self, args: dict, extra: dict) -> dict:
         original = extra["original_block"]
-        if self.bare_output:  # the engine works on dicts; the host's caller reads ["x"] of what we return
-            host_original, stream = original, next(iter(args))
-            original = lambda a: {stream: host_original(a)}  # noqa: E731
         run_block = original if self.inner is None else (lambda a: self.inner(a, {"original_block": original}))
         options = args.get("transformer_options") or _CALL_OPTIONS.get()
         return _run_through_engine(self.kind, self.index, args, run_block, options)
