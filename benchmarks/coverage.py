@@ -50,6 +50,15 @@ class Family:
 FAMILIES = {
     "Flux": Family("Flux", flux_config(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2),
                    (1, 16, 8, 8), (1, 8, 64), {"pooled_output": (1, 32), "guidance": 3.5}, build=build_flux),
+    "Flux Kontext": Family("Flux", flux_config(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2),
+                           (1, 16, 8, 8), (1, 8, 64), {"pooled_output": (1, 32), "guidance": 3.5,
+                                                       "reference_latents": [(1, 16, 8, 8)]}, build=build_flux),
+    "Flux 2": Family("Flux2", dict(
+        image_model="flux2", in_channels=128, out_channels=128, patch_size=1, vec_in_dim=None, context_in_dim=64,
+        hidden_size=64, mlp_ratio=3.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 8, 8, 8], theta=2000,
+        qkv_bias=False, guidance_embed=True, txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True,
+        ops_bias=False, default_ref_method="index", ref_index_scale=10.0), (1, 128, 4, 4), (1, 8, 64),
+        {"guidance": 3.5, "pooled_output": (1, 32)}),
     "Chroma": Family("Chroma", dict(
         image_model="chroma", in_channels=64, out_channels=64, context_in_dim=64, hidden_size=64, mlp_ratio=4.0,
         num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
@@ -93,6 +102,9 @@ FAMILIES = {
     "Wan 2.1 T2V": Family("WAN21_T2V", dict(
         image_model="wan2.1", model_type="t2v", dim=128, ffn_dim=256, freq_dim=256, num_heads=1, num_layers=3,
         in_dim=16, out_dim=16, text_dim=64), (1, 16, 1, 8, 8), (1, 8, 64)),
+    "Wan 2.2 5B": Family("WAN22_T2V", dict(
+        image_model="wan2.1", model_type="t2v", dim=128, ffn_dim=256, freq_dim=256, num_heads=1, num_layers=3,
+        in_dim=48, out_dim=48, text_dim=64), (1, 48, 1, 8, 8), (1, 8, 64)),
     "Wan 2.1 I2V": Family("WAN21_I2V", dict(
         image_model="wan2.1", model_type="i2v", dim=128, ffn_dim=256, freq_dim=256, num_heads=1, num_layers=3,
         in_dim=36, out_dim=16, text_dim=64), (1, 16, 1, 8, 8), (1, 8, 64), {"concat_latent_image": (1, 16, 1, 8, 8)}),
@@ -159,7 +171,7 @@ def conditioning(family: Family, seed: int):
         if isinstance(value, tuple):
             return torch.randn(value, generator=gen)
         if isinstance(value, list):
-            return torch.tensor(value)
+            return [make(v) for v in value]
         return value
     extras = {}
     for name, value in family.extra.items():

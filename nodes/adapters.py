@@ -56,8 +56,13 @@ class Adapter:
 
 
 def _flux_modulated_input(block, args) -> torch.Tensor:
-    """TeaCache's indicator for Flux: the image stream after norm1 and the first modulation."""
-    mod, _ = block.img_mod(args["vec"])
+    """TeaCache's indicator for Flux: the image stream after norm1 and the first modulation.
+
+    Flux 2 (global modulation) passes the blocks their modulations, computed once, as args["vec"]."""
+    if hasattr(block, "img_mod"):
+        mod, _ = block.img_mod(args["vec"])
+    else:
+        (mod, _), _ = args["vec"]
     return block.img_norm1(args["img"]) * (1 + mod.scale) + mod.shift
 
 

@@ -1,0 +1,16 @@
+"""Every family the adapters describe, built tiny with the host's own classes, at every site (make coverage)."""
+import json
+
+from benchmarks import coverage
+
+
+def test_every_family_is_ok_at_every_site_on_this_host(host, tmp_path):
+    import comfy.supported_models
+    result = coverage.run(out_dir=str(tmp_path))
+    print("\n" + coverage.format_matrix(result))
+    assert json.loads((tmp_path / "coverage.json").read_text()) == result["matrix"]
+    assert set(result["matrix"]) == set(coverage.FAMILIES)
+    for name, row in result["matrix"].items():
+        available = hasattr(comfy.supported_models, coverage.FAMILIES[name].config_class)
+        expected = {site: coverage.OK if available else coverage.NA for site in coverage.SITES}
+        assert row == expected, (name, row, result["errors"])
