@@ -13,6 +13,7 @@ import folder_paths
 
 from ..cache_core import (FORECASTER_KINDS, MAX_TAYLOR_ORDER, POLICIES, SITE_KINDS, TOKEN_SELECTIONS, CacheConfig,
                           ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy, render_map)
+from .adapters import HostDrift, UnsupportedModel
 from .integration import SETUP_KEY, CacheHandle, install
 
 CachePolicy = io.Custom("CACHE_POLICY")
@@ -157,7 +158,10 @@ class ApplyFeatureCacheNode(io.ComfyNode):
         config = _build(CacheConfig, policy=policy or TeaCache(), forecaster=forecaster or ForecasterConfig(),
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
                         memory_budget_mb=memory_budget_mb)
-        return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
+        try:
+            return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
+        except (UnsupportedModel, HostDrift) as error:  # raised before sampling, with what to do instead
+            raise type(error)(f"Feature cache: {error}") from None
 
 
 class CacheMapNode(io.ComfyNode):
