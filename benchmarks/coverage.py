@@ -47,6 +47,12 @@ class Family:
     newer: dict = field(default_factory=dict)  # ... these are passed only where that dataclass has them
 
 
+# Two levels, one res block each (SDXL's config fixes 64 channels per attention head).
+_TINY_UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=64,
+                  num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1,
+                  transformer_depth_output=[1, 1, 1, 1], use_spatial_transformer=True, legacy=False,
+                  use_linear_in_transformer=False, use_temporal_resblock=False, use_temporal_attention=False)
+
 FAMILIES = {
     "Flux": Family("Flux", flux_config(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2),
                    (1, 16, 8, 8), (1, 8, 64), {"pooled_output": (1, 32), "guidance": 3.5}, build=build_flux),
@@ -133,6 +139,10 @@ FAMILIES = {
         image_model="pixart_alpha", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=2,
         caption_channels=64, pe_interpolation=1.0, micro_condition=False, model_max_length=8),
         (1, 4, 40, 40), (1, 8, 64)),  # PixArt's position embedding needs a latent side of at least 40
+    "SD1.5 U-Net": Family("SD15", dict(_TINY_UNET, context_dim=64, adm_in_channels=None), (1, 4, 16, 16), (1, 8, 64)),
+    "SDXL U-Net": Family("SDXL", dict(_TINY_UNET, context_dim=64, adm_in_channels=2816, num_classes="sequential",
+                                               use_linear_in_transformer=True),
+                         (1, 4, 16, 16), (1, 8, 64), {"pooled_output": (1, 1280)}),
 }
 
 
@@ -236,7 +246,8 @@ def run_family(name: str, family: Family, integration, adapters, core) -> tuple[
         baseline = sample(model, family)
         plain_calls = calls.count if calls else 0
         for site in SITES:
-            if site != "model" and adapter is None:
+            unclaimed = adapter is None or (site == "blocks" and adapter.hook == adapters.SKIP_BRANCH)
+            if site != "model" and unclaimed:
                 results[site] = NA
                 continue
             try:

@@ -9,6 +9,8 @@ surface and both reversible:
   engine and on to the class's own forward; it is deleted in `finally`. Module and parameter names
   never change (LoRA and lowvram key weights by them). The args dict is the block forward's bound
   arguments by parameter name; `returns` names what the forward returns, in order.
+- `SKIP_BRANCH`: U-Nets (SD1.5, SDXL). The same per-call routing, applied to the layers of the deep
+  branch below `probe_blocks` shallow blocks on each side (DeepCache; see cache_core.skip_branch).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 
 REPLACE = "replace"
 FORWARD = "forward"
+SKIP_BRANCH = "skip_branch"  # U-Nets: DeepCache's deep branch (cache_core.skip_branch), layers routed as FORWARD
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,11 @@ class Adapter:
 
     def blocks(self, diffusion_model, kind: BlockKind) -> list:
         container = getattr(diffusion_model, kind.attribute)
-        return list(container.values()) if isinstance(container, torch.nn.ModuleDict) else list(container)
+        if isinstance(container, torch.nn.ModuleDict):
+            return list(container.values())
+        if isinstance(container, torch.nn.ModuleList):
+            return list(container)
+        return [] if container is None else [container]  # a single block (a U-Net's middle block, maybe absent)
 
     def layout(self, diffusion_model) -> list[tuple[str, int]]:
         return [(k.name, len(self.blocks(diffusion_model, k))) for k in self.kinds]
@@ -126,6 +133,10 @@ ADAPTERS = (
             (BlockKind("block", "blocks", ("x",), returns=("x",)),), hook=FORWARD),
     Adapter("PixArt", ("comfy.ldm.pixart.pixartms.PixArtMS",),
             (BlockKind("block", "blocks", ("x",), returns=("x",)),), hook=FORWARD),
+    Adapter("SD1.5 / SDXL U-Net (DeepCache, 'span' site)",
+            ("comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel",),
+            (BlockKind("input", "input_blocks", ("h",)), BlockKind("middle", "middle_block", ("h",)),
+             BlockKind("output", "output_blocks", ("h",))), hook=SKIP_BRANCH),
 )
 
 
@@ -157,7 +168,9 @@ def check_host(adapter: Adapter, diffusion_model, host_version: str) -> None:
     """Fails before sampling when the host's class no longer has what the description relies on."""
     for kind in adapter.kinds:
         container = getattr(diffusion_model, kind.attribute, None)
-        if not isinstance(container, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+        single_block_allowed = adapter.hook == SKIP_BRANCH and (container is None or isinstance(container, torch.nn.Module))
+        if not hasattr(diffusion_model, kind.attribute) or not (
+                single_block_allowed or isinstance(container, (torch.nn.ModuleList, torch.nn.ModuleDict))):
             raise HostDrift(
                 f"host drift: the {adapter.family} adapter expects the block list '{kind.attribute}' on "
                 f"{type(diffusion_model).__name__}, which ComfyUI {host_version} does not have. Use the 'model' "

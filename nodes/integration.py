@@ -19,7 +19,9 @@ import comfy.model_patcher
 import comfy.patcher_extension
 
 from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED
-from .adapters import FORWARD, Adapter, BlockKind, adapter_for, check_host
+from ..cache_core.sites import SPAN
+from ..cache_core.skip_branch import SkipBranch
+from .adapters import FORWARD, REPLACE, SKIP_BRANCH, Adapter, BlockKind, adapter_for, check_host
 from .progress import send, with_progress
 
 WRAPPER_KEY = "feature_cache"
@@ -72,6 +74,11 @@ def install(model, config: CacheConfig, handle: CacheHandle):
         check_host(adapter, model.model.diffusion_model, host_version())
         layout = tuple(adapter.layout(model.model.diffusion_model))
         config.site.validate(list(layout))
+        if adapter.hook == SKIP_BRANCH:
+            if config.site.kind != SPAN:
+                raise ValueError(f"{adapter.family}: use the 'span' site (DeepCache: probe_blocks shallow blocks on "
+                                 "each side run every step, the deep branch between them is cached) or 'model'")
+            SkipBranch(None, list(layout), config.site.probe_blocks)  # validates the depth before sampling
     if config.tokens is not None:
         raise NotImplementedError(
             "token-level partial recompute (Cache Token Ratio) is not available in this version yet; "
@@ -83,7 +90,7 @@ def install(model, config: CacheConfig, handle: CacheHandle):
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model)
         return model
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _block_call)
-    if adapter.hook != FORWARD:
+    if adapter.hook == REPLACE:
         existing = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
         for kind, count in layout:
             for i in range(count):
@@ -129,8 +136,12 @@ class _RunContext:
         self.setup = setup
         self.diffusion_model = diffusion_model
         self.blocks = None
+        self.branch = None
         self.saw_control = False
-        if setup.adapter is not None:
+        self.call_has_control = False
+        if setup.adapter is not None and setup.adapter.hook == SKIP_BRANCH:
+            self.branch = SkipBranch(run, list(setup.layout), setup.config.site.probe_blocks)
+        elif setup.adapter is not None:
             adapter = setup.adapter
             self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
                                       self._modulated_input if adapter.modulated_input else None)
@@ -147,6 +158,16 @@ class _RunContext:
                 previous = block.__dict__.get("forward")
                 block.forward = _RoutedForward(block, kind, i, previous)
                 routed.append((block, previous))
+
+    def route_branch(self, routed: list) -> None:
+        """Give each layer of the U-Net's deep branch an instance `forward` for this call (see route_forwards)."""
+        adapter, depth = self.setup.adapter, self.setup.config.site.probe_blocks
+        inputs, middle, outputs = (adapter.blocks(self.diffusion_model, kind) for kind in adapter.kinds)
+        layers = [layer for block in inputs[depth:] + middle + outputs[:len(outputs) - depth] for layer in block]
+        for i, layer in enumerate(layers):
+            previous = layer.__dict__.get("forward")
+            layer.forward = _BranchLayer(layer, self, previous, enter=i == 0, exit=i == len(layers) - 1)
+            routed.append((layer, previous))
 
     def __deepcopy__(self, memo):
         return self  # one run, one state, even if an extension deep-copies transformer_options
@@ -182,15 +203,21 @@ def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, t
     context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
     if context is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    context.call_has_control = control is not None
     if control is not None and not context.saw_control:
         context.saw_control = True
-        context.run.notes.append("ControlNet residuals entered the blocks: they are added after each block, outside the "
-                                 "cached residuals, so filled steps add the current step's control (caching stays on)")
+        context.run.notes.append(
+            "ControlNet residuals enter the U-Net's deep branch: evaluations with control are computed "
+            "(forced_by in the trace)" if context.branch is not None else
+            "ControlNet residuals entered the blocks: they are added after each block, outside the cached "
+            "residuals, so filled steps add the current step's control (caching stays on)")
     token = _CALL_OPTIONS.set(transformer_options)
     routed = []
     try:
         if context.setup.adapter.hook == FORWARD:
             context.route_forwards(routed)
+        elif context.setup.adapter.hook == SKIP_BRANCH:
+            context.route_branch(routed)
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     finally:
         for block, previous in routed:
@@ -248,3 +275,22 @@ class _RoutedForward:
         result = _run_through_engine(self.kind.name, self.index, arguments, run, _CALL_OPTIONS.get())
         values = tuple(result[name] for name in self.kind.returns)
         return values[0] if len(values) == 1 else values
+
+
+class _BranchLayer:
+    """A deep-branch layer's `forward` for one model call: runs it, or returns a placeholder or the filled branch."""
+
+    def __init__(self, layer, context: _RunContext, previous, enter: bool, exit: bool):
+        self.layer, self.context, self.previous, self.enter, self.exit = layer, context, previous, enter, exit
+
+    def __call__(self, x, *args, **kwargs):
+        branch = self.context.branch
+        if self.enter:
+            options = _CALL_OPTIONS.get()
+            branch.enter(x, options["uuids"], _current_sigma(options),
+                         forced_by="ControlNet" if self.context.call_has_control else None)
+        if not branch.compute:
+            return branch.filled_exit(x) if self.exit else branch.placeholder(x)
+        forward = self.previous or type(self.layer).forward.__get__(self.layer)
+        out = forward(x, *args, **kwargs)
+        return branch.computed_exit(out) if self.exit else out

@@ -13,4 +13,6 @@ def test_every_family_is_ok_at_every_site_on_this_host(host, tmp_path):
     for name, row in result["matrix"].items():
         available = hasattr(comfy.supported_models, coverage.FAMILIES[name].config_class)
         expected = {site: coverage.OK if available else coverage.NA for site in coverage.SITES}
+        if "U-Net" in name:  # DeepCache: one deep branch, no per-block site
+            expected["blocks"] = coverage.NA
         assert row == expected, (name, row, result["errors"])
