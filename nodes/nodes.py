@@ -131,11 +131,11 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to sample with feature caching."),
                 io.Combo.Input("site", options=list(SITE_KINDS), default="span",
                                tooltip="model: the whole model's output (any architecture); span: the blocks between "
-                                       "the probe and corrector blocks as one residual; blocks: each block on its own "
-                                       "(Flux, Wan)."),
+                                       "the probe and corrector blocks as one residual (on SD1.5/SDXL U-Nets: DeepCache, the deep "
+                                       "branch below probe_blocks); blocks: each block on its own (DiT families)."),
                 io.Int.Input("probe_blocks", default=1, min=0, max=200,
                              tooltip="Block sites only: first blocks always computed (Fn); their residual is the "
-                                     "first_block policy's indicator."),
+                                     "first_block policy's indicator. U-Nets: the shallow blocks kept on each side."),
                 io.Int.Input("corrector_blocks", default=0, min=0, max=200,
                              tooltip="Block sites only: last blocks always computed (Bn)."),
                 io.Combo.Input("cache_device", options=["compute", "cpu"], default="compute",
