@@ -174,7 +174,7 @@ def build(family: Family, seed: int = 0):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
-def conditioning(family: Family, seed: int):
+def conditioning(family: Family, seed: int, extra: Optional[dict] = None):
     gen = torch.Generator().manual_seed(seed)
 
     def make(value):
@@ -188,15 +188,16 @@ def conditioning(family: Family, seed: int):
         extras[name] = make(value)
         if name.startswith("attention_mask"):
             extras[name] = torch.ones(value, dtype=torch.long)
-    return [[make(family.context), extras]]
+    return [[make(family.context), {**extras, **(extra or {})}]]
 
 
-def sample(model, family: Family, seed: int = 0):
+def sample(model, family: Family, seed: int = 0, extra: Optional[dict] = None):
+    """4 Euler steps at cfg 2 through the host's sampler; `extra` is added to both conditionings."""
     import comfy.sample
     latent = torch.zeros(family.latent)
     noise = torch.randn(family.latent, generator=torch.Generator().manual_seed(seed))
-    return comfy.sample.sample(model, noise, STEPS, 2.0, "euler", "simple", conditioning(family, 1),
-                               conditioning(family, 2), latent, seed=seed, disable_pbar=True)
+    return comfy.sample.sample(model, noise, STEPS, 2.0, "euler", "simple", conditioning(family, 1, extra),
+                               conditioning(family, 2, extra), latent, seed=seed, disable_pbar=True)
 
 
 class BlockCalls:

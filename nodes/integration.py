@@ -17,6 +17,7 @@ from typing import Optional
 
 import comfy.model_patcher
 import comfy.patcher_extension
+import torch
 
 from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED
 from ..cache_core.sites import SPAN
@@ -30,6 +31,11 @@ RUN_KEY = "feature_cache_run"
 log = logging.getLogger("FeatureCache")
 # The transformer_options of the model call in progress (for block hooks whose args lack them).
 _CALL_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("feature_cache_call_options", default=None)
+
+
+# Under the host's TorchCompileModel the blocks are compiled, but the hooks' decisions are Python state
+# that must never be baked into a graph: dynamo skips these frames (and still compiles the blocks they call).
+_not_traced = torch.compiler.disable(recursive=False)
 
 
 def host_version() -> str:
@@ -243,6 +249,7 @@ class BlockPatch:
         self.index = index
         self.inner = inner
 
+    @_not_traced
     def __call__(self, args: dict, extra: dict) -> dict:
         original = extra["original_block"]
         run_block = original if self.inner is None else (lambda a: self.inner(a, {"original_block": original}))
@@ -258,6 +265,7 @@ class _RoutedForward:
         self.previous = previous  # an instance forward someone else set, chained to
         self.signature = inspect.signature(type(block).forward)
 
+    @_not_traced
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(self.block, *args, **kwargs)
         names = list(bound.arguments)[1:]  # without self
@@ -283,6 +291,7 @@ class _BranchLayer:
     def __init__(self, layer, context: _RunContext, previous, enter: bool, exit: bool):
         self.layer, self.context, self.previous, self.enter, self.exit = layer, context, previous, enter, exit
 
+    @_not_traced
     def __call__(self, x, *args, **kwargs):
         branch = self.context.branch
         if self.enter:
