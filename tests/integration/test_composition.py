@@ -143,3 +143,34 @@ def test_the_hosts_torch_compile_wrapper_keeps_decisions_and_results(api):
     latent = coverage.sample(fast, family)
     assert handle.last["trace"] == eager_handle.last["trace"] and handle.last["evaluations_filled"] > 0
     assert torch.allclose(latent, expected, atol=1e-5)
+
+
+def test_wan22_high_and_low_noise_models_keep_their_own_cache_and_map(api):
+    """The Wan 2.2 graph: one KSamplerAdvanced per model over its part of the schedule, an Apply node on each."""
+    import comfy.sample
+    family = coverage.FAMILIES["Wan 2.1 T2V"]
+    high, low = coverage.build(family, seed=0), coverage.build(family, seed=1)
+    steps, switch = 8, 4
+
+    def two_stage(first, second):
+        noise = torch.randn(family.latent, generator=torch.Generator().manual_seed(0))
+        common = dict(positive=coverage.conditioning(family, 1), negative=coverage.conditioning(family, 2),
+                      seed=0, disable_pbar=True)
+        latent = comfy.sample.sample(first, noise, steps, 2.0, "euler", "simple", latent_image=torch.zeros(family.latent),
+                                     start_step=0, last_step=switch, force_full_denoise=False, **common)
+        return comfy.sample.sample(second, noise, steps, 2.0, "euler", "simple", latent_image=latent,
+                                   disable_noise=True, start_step=switch, last_step=steps, **common)
+
+    plain = two_stage(high, low)
+    high_still, low_still = (_install(api, m)[0] for m in (high, low))
+    assert torch.equal(two_stage(high_still, low_still), plain)
+    (high_fast, high_handle), (low_fast, low_handle) = (
+        _install(api, m, method="fixed", threshold=2.0, warmup_steps=0) for m in (high, low))
+    assert torch.isfinite(two_stage(high_fast, low_fast)).all()
+    high_sigmas = [e["sigma"] for e in high_handle.last["trace"]["evaluations"]]
+    low_sigmas = [e["sigma"] for e in low_handle.last["trace"]["evaluations"]]
+    assert len(high_sigmas) == len(low_sigmas) == switch and min(high_sigmas) > max(low_sigmas)
+    # each model's first evaluation is computed from its own blocks, never filled from the other's cache
+    assert high_handle.last["trace"]["evaluations"][0]["decision"] == "computed"
+    assert low_handle.last["trace"]["evaluations"][0]["decision"] == "computed"
+    assert high_handle.last["evaluations_filled"] == low_handle.last["evaluations_filled"] == switch // 2
