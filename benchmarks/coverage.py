@@ -81,6 +81,12 @@ FAMILIES = {
         qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False), (1, 16, 1, 8, 8), (1, 8, 64),
         {"pooled_output": (1, 32), "guidance": 3.5}, params="comfy.ldm.hunyuan_video.model.HunyuanVideoParams",
         newer=dict(use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)),
+    "HunyuanImage 2.1": Family("HunyuanImage21", dict(
+        image_model="hunyuan_video", in_channels=64, out_channels=64, vec_in_dim=None, context_in_dim=64, hidden_size=64,
+        mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[16, 16], theta=256, patch_size=[1, 1],
+        qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False), (1, 64, 8, 8), (1, 8, 64),
+        {"pooled_output": (1, 32)}, params="comfy.ldm.hunyuan_video.model.HunyuanVideoParams",
+        newer=dict(use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)),
     "Qwen-Image": Family("QwenImage", dict(
         image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=3, attention_head_dim=32,
         num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12)), (1, 16, 1, 8, 8), (1, 8, 64)),
@@ -125,12 +131,24 @@ FAMILIES = {
         image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=64, n_layers=3, n_heads=2,
         n_kv_heads=2, axes_dims=[8, 12, 12], axes_lens=[300, 64, 64], qk_norm=True, n_refiner_layers=1),
         (1, 16, 8, 8), (1, 8, 64), {"attention_mask": (1, 8)}),
+    "Z-Image": Family("ZImage", dict(
+        image_model="lumina2", patch_size=2, in_channels=16, dim=256, cap_feat_dim=64, n_layers=3, n_heads=2,
+        n_kv_heads=2, axes_dims=[32, 48, 48], axes_lens=[300, 64, 64], qk_norm=True, n_refiner_layers=1,
+        rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0),
+        (1, 16, 8, 8), (1, 8, 64), {"attention_mask": (1, 8)}),
     "HiDream": Family("HiDream", dict(
         image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2,
         attention_head_dim=32, num_attention_heads=2, caption_channels=[64, 64], text_emb_dim=32,
         num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(8, 12, 12), max_resolution=(16, 16),
         llama_layers=[0, 1, 2, 3]), (1, 16, 8, 8), (1, 8, 64),
         {"pooled_output": (1, 32), "conditioning_llama3": (1, 4, 8, 64)}),
+    "Cosmos 1": Family("CosmosT2V", dict(
+        image_model="cosmos", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
+        patch_spatial=2, patch_temporal=1, model_channels=64, block_config="FA-CA-MLP", concat_padding_mask=True,
+        pos_emb_cls="rope3d", pos_emb_learnable=False, pos_emb_interpolation="crop", block_x_format="THWBD",
+        affline_emb_norm=True, use_adaln_lora=True, adaln_lora_dim=32, num_blocks=3, num_heads=2,
+        extra_per_block_abs_pos_emb=True, extra_per_block_abs_pos_emb_type="learnable", crossattn_emb_channels=64),
+        (1, 16, 1, 8, 8), (1, 8, 64)),
     "Cosmos Predict2": Family("CosmosT2IPredict2", dict(
         image_model="cosmos_predict2", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
         patch_spatial=2, patch_temporal=1, model_channels=64, num_blocks=3, num_heads=2, crossattn_emb_channels=64,

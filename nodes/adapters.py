@@ -129,8 +129,6 @@ ADAPTERS = (
             hook=FORWARD),
     Adapter("Cosmos Predict2", ("comfy.ldm.cosmos.predict2.MiniTrainDIT",),
             (BlockKind("block", "blocks", ("x_B_T_H_W_D",), returns=("x_B_T_H_W_D",)),), hook=FORWARD),
-    Adapter("Cosmos 1", ("comfy.ldm.cosmos.model.GeneralDIT",),
-            (BlockKind("block", "blocks", ("x",), returns=("x",)),), hook=FORWARD),
     Adapter("PixArt", ("comfy.ldm.pixart.pixartms.PixArtMS",),
             (BlockKind("block", "blocks", ("x",), returns=("x",)),), hook=FORWARD),
     Adapter("SD1.5 / SDXL U-Net (DeepCache, 'span' site)",
