@@ -70,6 +70,14 @@ FAMILIES = {
         num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
         in_dim=64, out_dim=64, hidden_dim=64, n_layers=1), (1, 16, 8, 8), (1, 8, 64), {"pooled_output": (1, 32)},
         params="comfy.ldm.chroma.model.ChromaParams", newer=dict(txt_ids_dims=[], vec_in_dim=None)),
+    "Chroma Radiance": Family("ChromaRadiance", dict(
+        image_model="chroma_radiance", in_channels=3, out_channels=3, context_in_dim=64, hidden_size=64, mlp_ratio=4.0,
+        num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=16, qkv_bias=True,
+        in_dim=64, out_dim=64, hidden_dim=64, n_layers=1, nerf_hidden_size=32, nerf_mlp_ratio=2, nerf_depth=2,
+        nerf_max_freqs=4, nerf_tile_size=0, nerf_final_head_type="linear", nerf_embedder_dtype=None),
+        (1, 3, 32, 32), (1, 8, 64), {"pooled_output": (1, 32)},
+        params="comfy.ldm.chroma_radiance.model.ChromaRadianceParams",
+        newer=dict(txt_ids_dims=[], vec_in_dim=None, use_x0=False)),
     "SD3": Family("SD3", dict(
         in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=32, pos_embed_max_size=16,
         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
@@ -127,6 +135,10 @@ FAMILIES = {
         image_model="wan2.1", model_type="camera", dim=128, ffn_dim=256, freq_dim=256, num_heads=1, num_layers=3,
         in_dim=32, out_dim=16, text_dim=64, in_dim_control_adapter=24), (1, 16, 1, 8, 8), (1, 8, 64),
         {"concat_latent_image": (1, 16, 1, 8, 8)}),
+    "Wan 2.2 S2V": Family("WAN22_S2V", dict(
+        image_model="wan2.1", model_type="s2v", dim=128, ffn_dim=256, freq_dim=256, num_heads=1, num_layers=3,
+        in_dim=16, out_dim=16, text_dim=64, audio_dim=32, num_audio_token=4, cond_dim=16, audio_inject_layers=[0, 2]),
+        (1, 16, 1, 8, 8), (1, 8, 64)),
     "Lumina 2": Family("Lumina2", dict(
         image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=64, n_layers=3, n_heads=2,
         n_kv_heads=2, axes_dims=[8, 12, 12], axes_lens=[300, 64, 64], qk_norm=True, n_refiner_layers=1),
