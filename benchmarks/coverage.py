@@ -139,6 +139,13 @@ FAMILIES = {
         image_model="wan2.1", model_type="s2v", dim=128, ffn_dim=256, freq_dim=256, num_heads=1, num_layers=3,
         in_dim=16, out_dim=16, text_dim=64, audio_dim=32, num_audio_token=4, cond_dim=16, audio_inject_layers=[0, 2]),
         (1, 16, 1, 8, 8), (1, 8, 64)),
+    "Wan HuMo": Family("WAN21_HuMo", dict(
+        image_model="wan2.1", model_type="humo", dim=128, ffn_dim=256, freq_dim=256, num_heads=1, num_layers=3,
+        in_dim=16, out_dim=16, text_dim=64), (1, 16, 1, 8, 8), (1, 8, 64)),
+    "Wan 2.2 Animate": Family("WAN22_Animate", dict(
+        image_model="wan2.1", model_type="animate", dim=128, ffn_dim=256, freq_dim=256, num_heads=1, num_layers=3,
+        in_dim=36, out_dim=16, text_dim=64, motion_encoder_dim=64), (1, 16, 1, 8, 8), (1, 8, 64),
+        {"concat_latent_image": (1, 16, 1, 8, 8)}),
     "Lumina 2": Family("Lumina2", dict(
         image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=64, n_layers=3, n_heads=2,
         n_kv_heads=2, axes_dims=[8, 12, 12], axes_lens=[300, 64, 64], qk_norm=True, n_refiner_layers=1),
