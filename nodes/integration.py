@@ -22,7 +22,8 @@ import torch
 from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED
 from ..cache_core.sites import SPAN
 from ..cache_core.skip_branch import SkipBranch
-from .adapters import FORWARD, REPLACE, SKIP_BRANCH, Adapter, BlockKind, adapter_for, check_host
+from .adapters import (FORWARD, REPLACE, SKIP_BRANCH, Adapter, BlockKind, UnsupportedModel, adapter_for,
+                       check_host)
 from .progress import send, with_progress
 
 WRAPPER_KEY = "feature_cache"
@@ -82,7 +83,7 @@ def install(model, config: CacheConfig, handle: CacheHandle):
         config.site.validate(list(layout))
         if adapter.hook == SKIP_BRANCH:
             if config.site.kind != SPAN:
-                raise ValueError(f"{adapter.family}: use the 'span' site (DeepCache: probe_blocks shallow blocks on "
+                raise UnsupportedModel(f"{adapter.family}: use the 'span' site (DeepCache: probe_blocks shallow blocks on "
                                  "each side run every step, the deep branch between them is cached) or 'model'")
             SkipBranch(None, list(layout), config.site.probe_blocks)  # validates the depth before sampling
     if config.tokens is not None:

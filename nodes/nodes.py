@@ -13,7 +13,7 @@ import folder_paths
 
 from ..cache_core import (FORECASTER_KINDS, MAX_TAYLOR_ORDER, POLICIES, SITE_KINDS, TOKEN_SELECTIONS, CacheConfig,
                           ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy, render_map)
-from .adapters import HostDrift, UnsupportedModel
+from .adapters import HostDrift
 from .integration import SETUP_KEY, CacheHandle, install
 
 CachePolicy = io.Custom("CACHE_POLICY")
@@ -160,7 +160,7 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                         memory_budget_mb=memory_budget_mb)
         try:
             return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
-        except (UnsupportedModel, HostDrift) as error:  # raised before sampling, with what to do instead
+        except (ValueError, HostDrift) as error:  # raised before sampling (model, site, host), with what to do instead
             raise type(error)(f"Feature cache: {error}") from None
 
 

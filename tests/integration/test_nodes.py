@@ -113,3 +113,13 @@ def test_the_frontend_extension_is_registered_with_the_host(host):
     with open(os.path.join(web, "feature_cache.js")) as f:
         source = f.read()
     assert "feature_cache.progress" in source and "addDOMWidget" in source
+
+
+def test_unet_blocks_site_and_depth_errors_say_what_works(product):
+    from benchmarks import coverage
+    integration, adapters, core = product("nodes.integration"), product("nodes.adapters"), product("cache_core")
+    unet = coverage.build(coverage.FAMILIES["SD1.5 U-Net"])
+    with pytest.raises(adapters.UnsupportedModel, match="'span' site.*or 'model'"):
+        integration.install(unet, core.CacheConfig(site=core.Site("blocks", probe_blocks=1)), integration.CacheHandle())
+    with pytest.raises(ValueError, match="between 1 and"):
+        integration.install(unet, core.CacheConfig(site=core.Site("span", probe_blocks=0)), integration.CacheHandle())
