@@ -183,9 +183,10 @@ FAMILIES = {
 }
 
 
-def _diffusion_classes(name: str) -> bool:
+def host_has(family: Family) -> bool:
+    """Whether the host in use has the family's model config (Flux 2, Kandinsky 5, Z-Image: v0.8 only)."""
     import comfy.supported_models
-    return hasattr(comfy.supported_models, name)
+    return hasattr(comfy.supported_models, family.config_class)
 
 
 def build(family: Family, seed: int = 0):
@@ -327,8 +328,8 @@ def _check_site(model, family, site, baseline, plain_calls, calls, adapter, inte
 
 
 def run(families=None, out_dir="out") -> dict:
-    from benchmarks import host as host_module
-    host = host_module.boot()
+    from benchmarks import host
+    host.boot()
     torch.set_num_threads(1)
     integration, adapters = _product()
     core = sys.modules[integration.__package__.rsplit(".", 1)[0] + ".cache_core"]
@@ -337,7 +338,7 @@ def run(families=None, out_dir="out") -> dict:
         if families and name not in families:
             continue
         start = time.perf_counter()
-        if not _diffusion_classes(family.config_class):
+        if not host_has(family):
             matrix[name] = {site: NA for site in SITES}
         else:
             try:
@@ -352,7 +353,6 @@ def run(families=None, out_dir="out") -> dict:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "coverage.json"), "w") as f:
         json.dump(matrix, f, indent=1)
-    del host
     return {"matrix": matrix, "errors": errors, "host_version": version, "seconds": timings}
 
 
