@@ -53,10 +53,14 @@ _TINY_UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channe
                   transformer_depth_output=[1, 1, 1, 1], use_spatial_transformer=True, legacy=False,
                   use_linear_in_transformer=False, use_temporal_resblock=False, use_temporal_attention=False)
 
+_TINY_FLUX = flux_config(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2)
+_TINY_QWEN = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=3,
+                  attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
+
 FAMILIES = {
-    "Flux": Family("Flux", flux_config(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2),
+    "Flux": Family("Flux", _TINY_FLUX,
                    (1, 16, 8, 8), (1, 8, 64), {"pooled_output": (1, 32), "guidance": 3.5}, build=build_flux),
-    "Flux Kontext": Family("Flux", flux_config(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2),
+    "Flux Kontext": Family("Flux", _TINY_FLUX,
                            (1, 16, 8, 8), (1, 8, 64), {"pooled_output": (1, 32), "guidance": 3.5,
                                                        "reference_latents": [(1, 16, 8, 8)]}, build=build_flux),
     "Flux 2": Family("Flux2", dict(
@@ -95,9 +99,9 @@ FAMILIES = {
         qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False), (1, 64, 8, 8), (1, 8, 64),
         {"pooled_output": (1, 32)}, params="comfy.ldm.hunyuan_video.model.HunyuanVideoParams",
         newer=dict(use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)),
-    "Qwen-Image": Family("QwenImage", dict(
-        image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=3, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12)), (1, 16, 1, 8, 8), (1, 8, 64)),
+    "Qwen-Image": Family("QwenImage", _TINY_QWEN, (1, 16, 1, 8, 8), (1, 8, 64)),
+    "Qwen-Image Edit": Family("QwenImage", _TINY_QWEN, (1, 16, 1, 8, 8), (1, 8, 64),
+        {"reference_latents": [(1, 16, 1, 8, 8)]}),
     "LTXV": Family("LTXV", dict(
         image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
         caption_channels=64, num_layers=3), (1, 128, 2, 4, 4), (1, 8, 64), {"frame_rate": 25.0, "attention_mask": (1, 8)}),
