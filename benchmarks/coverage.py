@@ -85,16 +85,19 @@ FAMILIES = {
     "SD3": Family("SD3", dict(
         in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=32, pos_embed_max_size=16,
         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
-        num_patches=256, pos_embed_scaling_factor=None, pos_embed_offset=None, qk_norm=None, x_block_self_attn_layers=[],
+        num_patches=256, pos_embed_scaling_factor=None, pos_embed_offset=None, qk_norm=None,
+        x_block_self_attn_layers=[],
         context_size=4096), (1, 16, 8, 8), (1, 8, 64), {"pooled_output": (1, 32)}),
     "HunyuanVideo": Family("HunyuanVideo", dict(
         image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=64,
-        mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=256, patch_size=[1, 2, 2],
+        mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=256,
+        patch_size=[1, 2, 2],
         qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False), (1, 16, 1, 8, 8), (1, 8, 64),
         {"pooled_output": (1, 32), "guidance": 3.5}, params="comfy.ldm.hunyuan_video.model.HunyuanVideoParams",
         newer=dict(use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)),
     "HunyuanImage 2.1": Family("HunyuanImage21", dict(
-        image_model="hunyuan_video", in_channels=64, out_channels=64, vec_in_dim=None, context_in_dim=64, hidden_size=64,
+        image_model="hunyuan_video", in_channels=64, out_channels=64, vec_in_dim=None, context_in_dim=64,
+        hidden_size=64,
         mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[16, 16], theta=256, patch_size=[1, 1],
         qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False), (1, 64, 8, 8), (1, 8, 64),
         {"pooled_output": (1, 32)}, params="comfy.ldm.hunyuan_video.model.HunyuanVideoParams",
@@ -104,12 +107,14 @@ FAMILIES = {
         {"reference_latents": [(1, 16, 1, 8, 8)]}),
     "LTXV": Family("LTXV", dict(
         image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
-        caption_channels=64, num_layers=3), (1, 128, 2, 4, 4), (1, 8, 64), {"frame_rate": 25.0, "attention_mask": (1, 8)}),
+        caption_channels=64, num_layers=3), (1, 128, 2, 4, 4), (1, 8, 64),
+        {"frame_rate": 25.0, "attention_mask": (1, 8)}),
     "Mochi": Family("GenmoMochi", dict(
         image_model="mochi_preview", patch_size=2, in_channels=12, hidden_size_x=64, hidden_size_y=32, depth=3,
         num_heads=2, mlp_ratio_x=192.0, mlp_ratio_y=2.0, t5_feat_dim=64, t5_token_length=8, qk_norm=True,
         qkv_bias=False, out_bias=True, patch_embed_bias=True, posenc_preserve_area=True,
-        timestep_mlp_bias=True, timestep_scale=1000.0, use_t5=True, learn_sigma=False, attend_to_padding=False, use_extended_posenc=False),
+        timestep_mlp_bias=True, timestep_scale=1000.0, use_t5=True, learn_sigma=False, attend_to_padding=False,
+        use_extended_posenc=False),
         (1, 12, 2, 8, 8), (1, 8, 64), {"attention_mask": (1, 8)}),
     "AuraFlow": Family("AuraFlow", dict(
         in_channels=4, out_channels=4, patch_size=2, dim=64, n_layers=3, n_double_layers=1, n_heads=2,
@@ -312,7 +317,8 @@ def _check_site(model, family, site, baseline, plain_calls, calls, adapter, inte
     handle = integration.CacheHandle()
     latent = sample(integration.install(model, still, handle), family)
     if not torch.equal(latent, baseline):
-        raise AssertionError(f"speed 0 differs from the plain model (max abs diff {(latent - baseline).abs().max():.3g})")
+        difference = (latent - baseline).abs().max()
+        raise AssertionError(f"speed 0 differs from the plain model (max abs diff {difference:.3g})")
     fast = core.CacheConfig(policy=core.make_policy(method="fixed", threshold=2.0, warmup_steps=0), site=site_config)
     before = calls.count if calls else 0
     latent = sample(integration.install(model, fast, handle), family)

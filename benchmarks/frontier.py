@@ -60,7 +60,9 @@ DEFAULT_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@bl
                    "easycache+reuse@model", *COMFY_NODES)
 SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks")
 SPEEDUP_LEVELS = (2.0, 3.0, 5.0)
-OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)@(?P<site>\w+)$")
+OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d|hicache\d?|ab\d|foca|spectrum|freqca|hyca)"
+                      r"@(?P<site>\w+)$")
+FORECASTER_TOKEN = re.compile(r"^(?P<kind>[a-z]+?)(?P<order>\d?)$")
 SKIPPED_LINE = re.compile(r"(?:EasyCache|LazyCache) - skipped (\d+)/(\d+) steps")
 
 
@@ -126,8 +128,8 @@ def our_method(host, name: str, speeds) -> Method:
     if not match or match["policy"] not in policies or match["site"] not in sites:
         raise ValueError(f"unknown method '{name}'")
     policy, forecaster, site = match["policy"], match["forecaster"], match["site"]
-    forecaster_inputs = (dict(method="reuse", order=0) if forecaster == "reuse"
-                         else dict(method="taylor", order=int(forecaster[len("taylor"):])))
+    token = FORECASTER_TOKEN.match(forecaster)
+    forecaster_inputs = dict(method=token["kind"], order=int(token["order"] or graphs.FORECASTER_DEFAULTS["order"]))
 
     def rewrite(graph, setting):
         graph = copy.deepcopy(graph)
@@ -148,7 +150,11 @@ def workflow_method_name(graph: dict) -> str:
     forecaster = "reuse"
     if "forecaster" in apply:
         f = graph[apply["forecaster"][0]]["inputs"]
-        forecaster = "reuse" if f["method"] == "reuse" or f["order"] == 0 else f"taylor{f['order']}"
+        default_order = graphs.FORECASTER_DEFAULTS["order"]
+        forecaster = ("reuse" if f["method"] == "reuse" or (f["method"] == "taylor" and f["order"] == 0)
+                      else f"{f['method']}{f['order']}" if f["method"] in ("taylor", "ab")
+                      else f"hicache{f['order']}" if f["method"] == "hicache" and f["order"] != default_order
+                      else f["method"])
     return f"{policy}+{forecaster}@{apply['site']}"
 
 

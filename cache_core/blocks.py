@@ -18,11 +18,13 @@ from typing import Callable, Optional
 import torch
 
 from .engine import CacheRun
+from .grid import TokenGrid
 from .policies import INPUT, MODULATED_INPUT, PROBE_RESIDUAL
 from .sites import CORRECTOR, PROBE, BlockPlan
 from .trace import COMPUTED
 
 ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]
+TokenGridOf = Callable[[str, str], Optional[TokenGrid]]  # (block kind, stream) -> its image-token grid
 
 # Blocks may update their input in place (Flux does), so anything read after a block ran is a copy.
 
@@ -42,11 +44,13 @@ class _Call:
 
 
 class BlockRunner:
-    def __init__(self, run: CacheRun, plan: BlockPlan, streams: dict, modulated_input: Optional[ModulatedInput] = None):
+    def __init__(self, run: CacheRun, plan: BlockPlan, streams: dict, modulated_input: Optional[ModulatedInput] = None,
+                 token_grid: Optional[TokenGridOf] = None):
         self.run = run
         self.plan = plan
         self.streams = streams
         self.modulated_input = modulated_input
+        self.token_grid = token_grid
         self.segment_keys = [(seg.key, s) for seg in plan.segments for s in streams[seg.kind]]
         self.call = _Call()
 
@@ -109,7 +113,8 @@ class BlockRunner:
             self.call.last_out = {s: out[s].clone() for s in streams}
         else:
             for s in streams:
-                self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s])
+                grid = self.token_grid(kind, s) if self.token_grid else None
+                self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s], grid)
             if segment_number == 0:
                 reference = self.run.reference_chunk(out[streams[0]])
                 if reference is not None:

@@ -1,4 +1,4 @@
-"""One description per architecture: its block kinds, their hidden streams, and its TeaCache indicator.
+"""One description per architecture: block kinds, hidden streams, image-token grid and TeaCache indicator.
 
 Everything else (hooks, the engine) is shared. Two ways into the blocks, both from the host's public
 surface and both reversible:
@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..cache_core import TokenGrid
+
 REPLACE = "replace"
 FORWARD = "forward"
 SKIP_BRANCH = "skip_branch"  # U-Nets: DeepCache's deep branch (cache_core.skip_branch), layers routed as FORWARD
@@ -31,6 +33,7 @@ class BlockKind:
     attribute: str  # the ModuleList (or ModuleDict) on the diffusion model
     streams: tuple  # hidden-state entries of the args dict that the block updates
     returns: tuple = ()  # FORWARD: names of the forward's return values; REPLACE: () (a dict comes back)
+    image_streams: tuple = ()  # streams whose last rows are the image tokens (Flux single blocks: cat(txt, img))
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Adapter:
     kinds: tuple
     modulated_input: Optional[Callable] = None  # (block module, args) -> timestep-modulated input of block 0
     hook: str = REPLACE
+    patch: tuple = ()  # latent elements per image token along each spatial dim; () = grid unknown
 
     def blocks(self, diffusion_model, kind: BlockKind) -> list:
         container = getattr(diffusion_model, kind.attribute)
@@ -57,6 +61,16 @@ class Adapter:
 
     def kind(self, name: str) -> BlockKind:
         return next(k for k in self.kinds if k.name == name)
+
+    @property
+    def has_token_grid(self) -> bool:
+        return bool(self.patch)
+
+    def token_grid(self, kind: str, stream: str, latent_shape: Optional[tuple]) -> Optional[TokenGrid]:
+        """The grid of the image tokens in `stream` of `kind` blocks, for a latent [B, C, *spatial]; None if none."""
+        if not self.patch or latent_shape is None or stream not in self.kind(kind).image_streams:
+            return None
+        return TokenGrid(tuple(-(-n // p) for n, p in zip(latent_shape[2:], self.patch)))
 
     def block(self, diffusion_model, kind: str, index: int):
         return self.blocks(diffusion_model, self.kind(kind))[index]
@@ -86,34 +100,42 @@ def _wan_modulated_input(block, args) -> torch.Tensor:
     return block.norm1(args["img"]) * (1 + scale) + shift
 
 
-_DOUBLE_SINGLE = (BlockKind("double_block", "double_blocks", ("img", "txt")),
-                  BlockKind("single_block", "single_blocks", ("img",)))  # single blocks see cat(txt, img)
+# Image tokens and their grid (`image_streams`, `patch`) are described where every block of the family
+# sees the image tokens last and nothing else after them; families that append reference, motion or
+# padding tokens (Qwen-Image Edit, Wan S2V, Lumina's padded sequences, ...) leave the grid unknown.
+_DOUBLE_SINGLE = (BlockKind("double_block", "double_blocks", ("img", "txt"), image_streams=("img",)),
+                  BlockKind("single_block", "single_blocks", ("img",), image_streams=("img",)))  # cat(txt, img)
 _WAN = "comfy.ldm.wan.model."
+_WAN_BLOCKS = (BlockKind("double_block", "blocks", ("img",), image_streams=("img",)),)
 
 ADAPTERS = (
     Adapter("Flux (incl. Kontext, Flux 2)", ("comfy.ldm.flux.model.Flux",), _DOUBLE_SINGLE,
-            modulated_input=_flux_modulated_input),
-    Adapter("Chroma", ("comfy.ldm.chroma.model.Chroma", "comfy.ldm.chroma_radiance.model.ChromaRadiance"),
-            _DOUBLE_SINGLE),
-    Adapter("HunyuanVideo / HunyuanImage", ("comfy.ldm.hunyuan_video.model.HunyuanVideo",), _DOUBLE_SINGLE,
-            modulated_input=_flux_modulated_input),
-    Adapter("Wan 2.1 / 2.2 (T2V, I2V, VACE, Fun/camera, S2V, HuMo, Animate)",
-            (_WAN + "WanModel", _WAN + "VaceWanModel", _WAN + "CameraWanModel", _WAN + "WanModel_S2V",
-             _WAN + "HumoWanModel", "comfy.ldm.wan.model_animate.AnimateWanModel"),
+            modulated_input=_flux_modulated_input, patch=(2, 2)),
+    Adapter("Chroma", ("comfy.ldm.chroma.model.Chroma",), _DOUBLE_SINGLE, patch=(2, 2)),
+    Adapter("Chroma Radiance", ("comfy.ldm.chroma_radiance.model.ChromaRadiance",), _DOUBLE_SINGLE, patch=(16, 16)),
+    # HunyuanVideo's single blocks see cat(img, txt), and its patch differs between video and HunyuanImage.
+    Adapter("HunyuanVideo / HunyuanImage", ("comfy.ldm.hunyuan_video.model.HunyuanVideo",),
+            (BlockKind("double_block", "double_blocks", ("img", "txt")),
+             BlockKind("single_block", "single_blocks", ("img",))), modulated_input=_flux_modulated_input),
+    Adapter("Wan 2.1 / 2.2 (T2V, I2V, VACE, Fun/camera)",
+            (_WAN + "WanModel", _WAN + "VaceWanModel", _WAN + "CameraWanModel"), _WAN_BLOCKS,
+            modulated_input=_wan_modulated_input, patch=(1, 2, 2)),
+    Adapter("Wan 2.2 S2V / HuMo / Animate",  # their blocks also see reference, motion or audio tokens
+            (_WAN + "WanModel_S2V", _WAN + "HumoWanModel", "comfy.ldm.wan.model_animate.AnimateWanModel"),
             (BlockKind("double_block", "blocks", ("img",)),), modulated_input=_wan_modulated_input),
     Adapter("SD3 / SD3.5 (MMDiT)", ("comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper",),
-            (BlockKind("double_block", "joint_blocks", ("img", "txt")),)),
+            (BlockKind("double_block", "joint_blocks", ("img", "txt"), image_streams=("img",)),), patch=(2, 2)),
     Adapter("Qwen-Image (incl. Edit)", ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",),
             (BlockKind("double_block", "transformer_blocks", ("img", "txt")),)),
     Adapter("LTXV", ("comfy.ldm.lightricks.model.LTXVModel",),
             (BlockKind("double_block", "transformer_blocks", ("img",)),)),
     Adapter("Mochi", ("comfy.ldm.genmo.joint_model.asymm_models_joint.AsymmDiTJoint",),
-            (BlockKind("double_block", "blocks", ("img", "txt")),)),
+            (BlockKind("double_block", "blocks", ("img", "txt"), image_streams=("img",)),), patch=(1, 2, 2)),
     Adapter("AuraFlow", ("comfy.ldm.aura.mmdit.MMDiT",),
-            (BlockKind("double_block", "double_layers", ("img", "txt")),
-             BlockKind("single_block", "single_layers", ("img",)))),
+            (BlockKind("double_block", "double_layers", ("img", "txt"), image_streams=("img",)),
+             BlockKind("single_block", "single_layers", ("img",), image_streams=("img",))), patch=(2, 2)),
     Adapter("HunyuanDiT", ("comfy.ldm.hydit.models.HunYuanDiT",),
-            (BlockKind("double_block", "blocks", ("img",)),)),
+            (BlockKind("double_block", "blocks", ("img",), image_streams=("img",)),), patch=(2, 2)),
     # No block replace hook in these forwards: the block modules' forward is routed for the call.
     Adapter("Lumina 2 / Z-Image", ("comfy.ldm.lumina.model.NextDiT",),
             (BlockKind("layer", "layers", ("x",), returns=("x",)),), hook=FORWARD),
@@ -125,12 +147,13 @@ ADAPTERS = (
     # Kandinsky 5 has a replace hook, but in ComfyUI 0.8.0 its original_block calls the block with argument
     # names the block does not take, so any replace patch fails there: route the block forward instead.
     Adapter("Kandinsky 5", ("comfy.ldm.kandinsky5.model.Kandinsky5",),
-            (BlockKind("visual_block", "visual_transformer_blocks", ("visual_embed",), returns=("visual_embed",)),),
-            hook=FORWARD),
+            (BlockKind("visual_block", "visual_transformer_blocks", ("visual_embed",), returns=("visual_embed",),
+                       image_streams=("visual_embed",)),), hook=FORWARD, patch=(1, 2, 2)),
     Adapter("Cosmos Predict2", ("comfy.ldm.cosmos.predict2.MiniTrainDIT",),
             (BlockKind("block", "blocks", ("x_B_T_H_W_D",), returns=("x_B_T_H_W_D",)),), hook=FORWARD),
     Adapter("PixArt", ("comfy.ldm.pixart.pixartms.PixArtMS",),
-            (BlockKind("block", "blocks", ("x",), returns=("x",)),), hook=FORWARD),
+            (BlockKind("block", "blocks", ("x",), returns=("x",), image_streams=("x",)),), hook=FORWARD,
+            patch=(2, 2)),
     Adapter("SD1.5 / SDXL U-Net (DeepCache, 'span' site)",
             ("comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel",),
             (BlockKind("input", "input_blocks", ("h",)), BlockKind("middle", "middle_block", ("h",)),
@@ -166,7 +189,8 @@ def check_host(adapter: Adapter, diffusion_model, host_version: str) -> None:
     """Fails before sampling when the host's class no longer has what the description relies on."""
     for kind in adapter.kinds:
         container = getattr(diffusion_model, kind.attribute, None)
-        single_block_allowed = adapter.hook == SKIP_BRANCH and (container is None or isinstance(container, torch.nn.Module))
+        single_block_allowed = adapter.hook == SKIP_BRANCH and (
+            container is None or isinstance(container, torch.nn.Module))
         if not hasattr(diffusion_model, kind.attribute) or not (
                 single_block_allowed or isinstance(container, (torch.nn.ModuleList, torch.nn.ModuleDict))):
             raise HostDrift(

@@ -19,7 +19,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
-from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED
+from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED, TokenGrid
 from ..cache_core.sites import SPAN
 from ..cache_core.skip_branch import SkipBranch
 from .adapters import (FORWARD, REPLACE, SKIP_BRANCH, Adapter, BlockKind, UnsupportedModel, adapter_for,
@@ -83,9 +83,15 @@ def install(model, config: CacheConfig, handle: CacheHandle):
         config.site.validate(list(layout))
         if adapter.hook == SKIP_BRANCH:
             if config.site.kind != SPAN:
-                raise UnsupportedModel(f"{adapter.family}: use the 'span' site (DeepCache: probe_blocks shallow blocks on "
-                                 "each side run every step, the deep branch between them is cached) or 'model'")
+                raise UnsupportedModel(f"{adapter.family}: use the 'span' site (DeepCache: probe_blocks shallow "
+                                       "blocks on each side run every step, the deep branch between them is "
+                                       "cached) or 'model'")
             SkipBranch(None, list(layout), config.site.probe_blocks)  # validates the depth before sampling
+        if config.forecaster.needs_grid and not adapter.has_token_grid:
+            raise ValueError(
+                f"Feature cache: the '{config.forecaster.kind}' forecaster needs the image-token grid of the blocks, "
+                f"which the {adapter.family} adapter does not describe: set Apply Feature Cache's site to 'model' or "
+                "choose another Cache Forecaster method")
     if config.tokens is not None:
         raise NotImplementedError(
             "token-level partial recompute (Cache Token Ratio) is not available in this version yet; "
@@ -146,12 +152,16 @@ class _RunContext:
         self.branch = None
         self.saw_control = False
         self.call_has_control = False
+        self.latent_shape: Optional[tuple] = None  # of the model call in progress (block sites)
         if setup.adapter is not None and setup.adapter.hook == SKIP_BRANCH:
             self.branch = SkipBranch(run, list(setup.layout), setup.config.site.probe_blocks)
         elif setup.adapter is not None:
             adapter = setup.adapter
             self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
-                                      self._modulated_input if adapter.modulated_input else None)
+                                      self._modulated_input if adapter.modulated_input else None, self._token_grid)
+
+    def _token_grid(self, kind, stream):
+        return self.setup.adapter.token_grid(kind, stream, self.latent_shape)
 
     def _modulated_input(self, kind, index, args):
         block = self.setup.adapter.block(self.diffusion_model, kind, index)
@@ -195,7 +205,7 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
     if run.decide(["model"], lambda _kind: run.reference_chunk(x)):
         denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         eps = (x - denoised) / scale
-        run.store("model", eps)
+        run.store("model", eps, TokenGrid(tuple(x.shape[2:]), channels_first=True) if x.ndim > 2 else None)
         reference = run.reference_chunk(eps)
         if reference is not None:
             run.computed(reference)
@@ -219,6 +229,7 @@ def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, t
             "ControlNet residuals entered the blocks: they are added after each block, outside the cached "
             "residuals, so filled steps add the current step's control (caching stays on)")
     token = _CALL_OPTIONS.set(transformer_options)
+    previous_shape, context.latent_shape = context.latent_shape, tuple(x.shape)  # the blocks' image-token grid
     routed = []
     try:
         if context.setup.adapter.hook == FORWARD:
@@ -231,6 +242,7 @@ def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, t
             del block.forward
             if previous is not None:
                 block.forward = previous
+        context.latent_shape = previous_shape
         _CALL_OPTIONS.reset(token)
 
 

@@ -156,8 +156,9 @@ def test_wan22_high_and_low_noise_models_keep_their_own_cache_and_map(api):
         noise = torch.randn(family.latent, generator=torch.Generator().manual_seed(0))
         common = dict(positive=coverage.conditioning(family, 1), negative=coverage.conditioning(family, 2),
                       seed=0, disable_pbar=True)
-        latent = comfy.sample.sample(first, noise, steps, 2.0, "euler", "simple", latent_image=torch.zeros(family.latent),
-                                     start_step=0, last_step=switch, force_full_denoise=False, **common)
+        latent = comfy.sample.sample(first, noise, steps, 2.0, "euler", "simple",
+                                     latent_image=torch.zeros(family.latent), start_step=0, last_step=switch,
+                                     force_full_denoise=False, **common)
         return comfy.sample.sample(second, noise, steps, 2.0, "euler", "simple", latent_image=latent,
                                    disable_noise=True, start_step=switch, last_step=steps, **common)
 
