@@ -44,6 +44,7 @@ class Adapter:
     modulated_input: Optional[Callable] = None  # (block module, args) -> timestep-modulated input of block 0
     hook: str = REPLACE
     patch: tuple = ()  # latent elements per image token along each spatial dim; () = grid unknown
+    patch_attribute: str = ""  # the model's own patch size attribute, when it varies within the family (Flux 2)
 
     def blocks(self, diffusion_model, kind: BlockKind) -> list:
         container = getattr(diffusion_model, kind.attribute)
@@ -66,11 +67,21 @@ class Adapter:
     def has_token_grid(self) -> bool:
         return bool(self.patch)
 
-    def token_grid(self, kind: str, stream: str, latent_shape: Optional[tuple]) -> Optional[TokenGrid]:
-        """The grid of the image tokens in `stream` of `kind` blocks, for a latent [B, C, *spatial]; None if none."""
-        if not self.patch or latent_shape is None or stream not in self.kind(kind).image_streams:
+    def patch_of(self, diffusion_model) -> tuple:
+        if not self.patch_attribute:
+            return self.patch
+        size = getattr(diffusion_model, self.patch_attribute)
+        return tuple(size) if isinstance(size, (list, tuple)) else (size,) * len(self.patch)
+
+    def token_grid(self, kind: str, stream: str, latent_shape: Optional[tuple],
+                   patch: Optional[tuple] = None) -> Optional[TokenGrid]:
+        """The grid of the image tokens in `stream` of `kind` blocks, for a latent [B, C, *spatial]; None if none.
+
+        `patch`: the model's own (`patch_of`), where the family's varies."""
+        patch = patch or self.patch
+        if not patch or latent_shape is None or stream not in self.kind(kind).image_streams:
             return None
-        return TokenGrid(tuple(-(-n // p) for n, p in zip(latent_shape[2:], self.patch)))
+        return TokenGrid(tuple(-(-n // p) for n, p in zip(latent_shape[2:], patch)))
 
     def block(self, diffusion_model, kind: str, index: int):
         return self.blocks(diffusion_model, self.kind(kind))[index]
@@ -110,7 +121,7 @@ _WAN_BLOCKS = (BlockKind("double_block", "blocks", ("img",), image_streams=("img
 
 ADAPTERS = (
     Adapter("Flux (incl. Kontext, Flux 2)", ("comfy.ldm.flux.model.Flux",), _DOUBLE_SINGLE,
-            modulated_input=_flux_modulated_input, patch=(2, 2)),
+            modulated_input=_flux_modulated_input, patch=(2, 2), patch_attribute="patch_size"),
     Adapter("Chroma", ("comfy.ldm.chroma.model.Chroma",), _DOUBLE_SINGLE, patch=(2, 2)),
     Adapter("Chroma Radiance", ("comfy.ldm.chroma_radiance.model.ChromaRadiance",), _DOUBLE_SINGLE, patch=(16, 16)),
     # HunyuanVideo's single blocks see cat(img, txt), and its patch differs between video and HunyuanImage.

@@ -153,6 +153,7 @@ class _RunContext:
         self.saw_control = False
         self.call_has_control = False
         self.latent_shape: Optional[tuple] = None  # of the model call in progress (block sites)
+        self.patch = setup.adapter.patch_of(diffusion_model) if setup.adapter is not None else ()
         if setup.adapter is not None and setup.adapter.hook == SKIP_BRANCH:
             self.branch = SkipBranch(run, list(setup.layout), setup.config.site.probe_blocks)
         elif setup.adapter is not None:
@@ -161,7 +162,7 @@ class _RunContext:
                                       self._modulated_input if adapter.modulated_input else None, self._token_grid)
 
     def _token_grid(self, kind, stream):
-        return self.setup.adapter.token_grid(kind, stream, self.latent_shape)
+        return self.setup.adapter.token_grid(kind, stream, self.latent_shape, self.patch)
 
     def _modulated_input(self, kind, index, args):
         block = self.setup.adapter.block(self.diffusion_model, kind, index)
