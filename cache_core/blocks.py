@@ -6,6 +6,12 @@ returns a dict with the same stream entries. A filled segment returns input + fo
 its first block and passes its input through the rest, so skipped blocks cost nothing.
 A verifying policy (SpeCa) runs the first cached block of a drafted evaluation for real and checks
 the draft of that block against it before the rest is filled.
+
+Models may add to a stream between blocks (ControlNet residuals, VACE hints). Those additions are not
+part of a segment's cached residual: within a computed segment, what arrived at a block beyond the
+previous block's output is added to the segment's base, so on a filled step the host adds the current
+additions on top of the filled value and block skipping stays correct.
+A block that ends a stream (SD3's last block returns no text) passes that stream through.
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ class _Call:
         self.probe_kind: Optional[str] = None
         self.probe_base: Optional[torch.Tensor] = None
         self.probe_out: Optional[torch.Tensor] = None
-        self.segment_inputs: dict = {}
+        self.segment_inputs: dict = {}  # per stream: the segment's input plus what was added between its blocks
+        self.last_out: dict = {}  # per stream: a copy of the previous block's output within the segment
 
 
 class BlockRunner:
@@ -111,9 +118,17 @@ class BlockRunner:
             return self._filled(segment, index, args, streams)
         if index == segment.first:
             self.call.segment_inputs = {s: args[s].clone() for s in streams}
-        out = run_block(args)
+        else:
+            for s in streams:
+                self.call.segment_inputs[s] += args[s] - self.call.last_out[s]
+        out = self._run(run_block, args, streams)
         self.run.mark(g, COMPUTED)
         return self._stored(kind, segment, segment_number, index, g, out, streams)
+
+    @staticmethod
+    def _run(run_block, args, streams):
+        out = run_block(args)
+        return {**out, **{s: args[s] for s in streams if out.get(s) is None}}  # a block that ends a stream
 
     def _filled(self, segment, index, args, streams):
         if index != segment.first:
@@ -126,7 +141,9 @@ class BlockRunner:
         if g == self.plan.decision_block and self.run.config.policy.verifies and index != segment.last:
             for key, s in self.verify_keys:
                 self.run.store((key, s), out[s] - self.call.segment_inputs[s], grids[s])
-        if index == segment.last:
+        if index != segment.last:
+            self.call.last_out = {s: out[s].clone() for s in streams}
+        else:
             for s in streams:
                 self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s], grids[s])
             if segment_number == 0:
@@ -141,7 +158,7 @@ class BlockRunner:
         start of a computed evaluation; an accepted one fills the segment (the block's real output
         stands when it is the whole segment)."""
         self.call.segment_inputs = {s: args[s].clone() for s in streams}
-        out = run_block(args)
+        out = self._run(run_block, args, streams)
         if self.run.pending_verification:
             key, s = self.verify_keys[0]
             real = self.run.reference_chunk(out[s])

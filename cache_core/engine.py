@@ -157,25 +157,29 @@ class CacheRun:
         return self.policy_states[scope]
 
     def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]],
-               scope: Optional[Scope] = None) -> bool:
+               scope: Optional[Scope] = None, forced_by: Optional[str] = None) -> bool:
         """True to compute. `keys` are the cached values a fill would need for every uuid of the call.
 
         `scope` names the segment of a per-segment policy's decision; other policies decide once per
-        evaluation and ignore it."""
+        evaluation and ignore it. `forced_by` names why this call cannot be filled (e.g. ControlNet
+        residuals entering skipped blocks); the evaluation is computed and its trace entry says why."""
         policy = self.config.policy
         scope = scope if policy.per_segment else None
         if scope not in self.decisions and self.ref_uuid in self.uuids:
             ev = self.trace.evaluations[-1]
             kind = policy.indicator
             value_in = None if kind == NO_INDICATOR else self._progress() if kind == PROGRESS else indicator(kind)
-            forced = self._forced(scope) or not self._has_caches(keys, [self.ref_uuid])
+            forced = bool(forced_by) or self._forced(scope) or not self._has_caches(keys, [self.ref_uuid])
             compute, value = self._state(scope).decide(value_in, forced)
             self.decisions[scope] = compute
             self.indicators[scope] = value_in
             if scope is None or ev.indicator is None:
                 ev.indicator = value
+            ev.forced_by = ev.forced_by or forced_by
             self._record(scope, compute)
             self.pending_verification = policy.verifies and not compute
+        if forced_by:
+            return True
         decision = self.decisions.get(scope)
         if decision is None:  # the reference conditioning has not been seen in this evaluation
             return True

@@ -24,6 +24,7 @@ class Evaluation:
     indicator: Optional[float] = None
     decision: str = COMPUTED
     share: float = 1.0  # the part of the batch the model ran for (CFG-branch cache: the positive branch only)
+    forced_by: Optional[str] = None  # why this evaluation had to be computed, when not the policy's choice
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Trace:
     def from_dict(cls, data: dict) -> "Trace":
         return cls(list(data["rows"]), [
             Evaluation(e["index"], e["sigma"], e["step"], list(e["actions"]), e.get("indicator"),
-                       e.get("decision", COMPUTED), e.get("share", 1.0))
+                       e.get("decision", COMPUTED), e.get("share", 1.0), e.get("forced_by"))
             for e in data["evaluations"]])
 
     def to_dict(self) -> dict:
@@ -73,7 +74,7 @@ class Trace:
             "rows": list(self.rows),
             "evaluations": [
                 {"index": ev.index, "sigma": ev.sigma, "step": ev.step, "decision": ev.decision,
-                 "indicator": ev.indicator, "share": ev.share, "actions": list(ev.actions)}
+                 "indicator": ev.indicator, "share": ev.share, "actions": list(ev.actions), "forced_by": ev.forced_by}
                 for ev in self.evaluations
             ],
         }
