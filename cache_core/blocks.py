@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .engine import CacheRun
-from .policies import INPUT, MODULATED_INPUT, PROBE_RESIDUAL
+from .policies import INPUT, MODULATED_INPUT, PROBE_INDICATORS, PROBE_OUTPUT, PROBE_RESIDUAL
 from .sites import CORRECTOR, PROBE, BlockPlan
 from .trace import COMPUTED
 
@@ -64,7 +64,7 @@ class BlockRunner:
         return value if value is not None else args[streams[0]]  # no modulation known: the raw input
 
     def _probe(self, kind, g, args, run_block, streams):
-        if self.call.probe_kind != kind and self.run.config.policy.indicator == PROBE_RESIDUAL:
+        if self.call.probe_kind != kind and self.run.config.policy.indicator in PROBE_INDICATORS:
             self.call.probe_kind, self.call.probe_base = kind, args[streams[0]].clone()
         out = run_block(args)
         self.call.probe_out = out[streams[0]]
@@ -73,11 +73,16 @@ class BlockRunner:
 
     def _indicator(self, kind_of_indicator: str) -> Optional[torch.Tensor]:
         if kind_of_indicator == PROBE_RESIDUAL:
-            source = None if self.call.probe_out is None else self.call.probe_out - self.call.probe_base
+            source = self._probe_residual()
+        elif kind_of_indicator == PROBE_OUTPUT:
+            source = self.call.probe_out
         else:
             source = {MODULATED_INPUT: self.call.modulated, INPUT: self.call.decision_input}[kind_of_indicator]
         reference = None if source is None else self.run.reference_chunk(source)
         return None if reference is None else reference.clone()
+
+    def _probe_residual(self) -> Optional[torch.Tensor]:
+        return None if self.call.probe_out is None else self.call.probe_out - self.call.probe_base
 
     def _cached(self, kind, index, g, segment_number, args, run_block, streams):
         segment = self.plan.segments[segment_number]
@@ -85,6 +90,8 @@ class BlockRunner:
             self.call.decision_input = args[streams[0]]
             self.call.compute = self.run.decide(self.segment_keys, self._indicator)
             self.call.decision_input = None
+            if self.run.config.policy.indicator in PROBE_INDICATORS and self.call.probe_out is not None:
+                self.run.observe_probe(self._probe_residual(), self.call.compute)
         if not self.call.compute:
             self.run.mark(g, self.run.fill_action)
             if index != segment.first:
@@ -95,10 +102,11 @@ class BlockRunner:
         out = run_block(args)
         self.run.mark(g, COMPUTED)
         if index == segment.last:
+            residuals = {s: out[s] - self.call.segment_inputs[s] for s in streams}
             for s in streams:
-                self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s])
+                self.run.store((segment.key, s), residuals[s])
             if segment_number == 0:
                 reference = self.run.reference_chunk(out[streams[0]])
                 if reference is not None:
-                    self.run.computed(reference)
+                    self.run.computed(reference, self.run.reference_chunk(residuals[streams[0]]))
         return out

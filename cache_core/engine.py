@@ -13,12 +13,13 @@ from typing import Callable, Optional
 import torch
 
 from .forecasters import ForecasterConfig, TaylorForecaster
-from .policies import NO_INDICATOR, PROBE_RESIDUAL, FixedInterval, Policy
+from .policies import NO_INDICATOR, PROBE_INDICATORS, FixedInterval, Policy
 from .sites import Site
 from .tokens import TokenConfig
 from .trace import COMPUTED, FORECAST, REUSED, Trace
 
 log = logging.getLogger("FeatureCache")
+BUDGET_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,11 @@ class CacheConfig:
     memory_budget_mb: float = 0.0  # 0: unlimited
 
     def __post_init__(self):
-        if self.policy.indicator == PROBE_RESIDUAL and self.site.probe_blocks < 1:
+        if self.policy.indicator in PROBE_INDICATORS and self.site.probe_blocks < 1:
             raise ValueError(
-                f"the '{self.policy.method}' policy reads the residual of probe blocks: use the 'span' or 'blocks' "
-                "site with probe_blocks >= 1")
+                f"the '{self.policy.method}' policy reads the always-computed probe blocks, which the "
+                f"'{self.site.kind}' site with probe_blocks {self.site.probe_blocks} does not have: on Apply Feature "
+                "Cache set site to 'span' or 'blocks' and probe_blocks to 1 or more")
         if self.memory_budget_mb < 0:
             raise ValueError("memory_budget_mb must be >= 0 (0 means unlimited)")
         if self.tokens is not None and not self.site.uses_blocks:
@@ -44,6 +46,7 @@ class CacheConfig:
         return {
             "method": self.policy.method,
             "threshold": self.policy.effective_threshold,
+            "budget": self.policy.budget,
             "forecaster": self.forecaster.label,
             "site": self.site.kind,
             "probe_blocks": self.site.probe_blocks,
@@ -67,10 +70,22 @@ class CacheRun:
         self.notes: list[str] = []
         self.peak_bytes = 0
         self.over_budget = False
+        self._budget_noted = False
         self._reset_state()
+
+    @property
+    def fill_cost(self) -> float:
+        """Share of the block work a filled evaluation still does (the probe and corrector blocks)."""
+        site = self.config.site
+        return (site.probe_blocks + site.corrector_blocks) / len(self.trace.rows) if site.uses_blocks else 0.0
+
+    @property
+    def steps(self) -> int:
+        return max(1, len(self.schedule) - 1)
 
     def _reset_state(self):
         self.policy_state = self.config.policy.new_state()
+        self.gate = self.config.policy.new_gate(self.steps, self.fill_cost)
         self.forecasters: dict = {}
         self.cache_bytes = 0
         self.ref_uuid = None
@@ -110,6 +125,7 @@ class CacheRun:
         policy = self.config.policy
         return (self.over_budget
                 or ev.index < policy.warmup_steps
+                or ev.step < int(policy.retention_ratio * self.steps)
                 or not (self.active_high >= ev.sigma > self.active_low)
                 or (policy.max_consecutive > 0 and self.consecutive_fills >= policy.max_consecutive))
 
@@ -119,9 +135,13 @@ class CacheRun:
             kind = self.config.policy.indicator
             self.indicator = None if kind == NO_INDICATOR else indicator(kind)
             forced = self._forced() or not self._has_caches(keys, [self.ref_uuid])
-            compute, value = self.policy_state.decide(self.indicator, forced)
-            self.decision = compute
             ev = self.trace.evaluations[-1]
+            value = self.policy_state.measure(ev.sigma, self.indicator)
+            self.gate.count()
+            compute = forced or value is None or self.gate.wants_compute(value, ev.step)
+            self.gate.record(value, compute)
+            self.policy_state.decided(compute)
+            self.decision = compute
             ev.indicator = value
             ev.decision = COMPUTED if compute else self.fill_action
             self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
@@ -129,10 +149,15 @@ class CacheRun:
             return True
         return self.decision or not self._has_caches(keys, self.uuids)
 
-    def computed(self, output_ref: torch.Tensor) -> None:
-        """Feed the policy the reference chunk's output of a computed evaluation."""
+    def computed(self, output_ref: torch.Tensor, residual_ref: torch.Tensor) -> None:
+        """Feed the policy the reference chunk's output and residual of a computed evaluation."""
         if self.ref_uuid in self.uuids and self.decision:
-            self.policy_state.computed(self.indicator, output_ref)
+            self.policy_state.computed(self.sigma, self.indicator, output_ref, residual_ref)
+
+    def observe_probe(self, residual: torch.Tensor, computed: bool) -> None:
+        """The probe blocks' residual of every conditioning of the call, and whether the call computes."""
+        for i, uuid in enumerate(self.uuids):
+            self.policy_state.observe_probe(uuid, self.sigma, chunk(residual, len(self.uuids), i), computed)
 
     @property
     def fill_action(self) -> str:
@@ -170,7 +195,8 @@ class CacheRun:
 
     def fill(self, key, like: torch.Tensor) -> torch.Tensor:
         """The forecast value of `key` at the current sigma for every uuid of the call, batched like `like`."""
-        parts = [self.forecasters[(key, u)].predict(self.sigma, like.device) for u in self.uuids]
+        parts = [self.forecasters[(key, u)].predict(self.policy_state.fill_time(u, self.sigma), like.device)
+                 for u in self.uuids]
         return torch.cat(parts, dim=0)
 
     def reference_chunk(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
@@ -185,6 +211,12 @@ class CacheRun:
 
     def report(self) -> dict:
         fraction = self.trace.compute_fraction()
+        budget = self.gate.budget
+        if budget is not None and abs(fraction - budget) > BUDGET_TOLERANCE and not self._budget_noted:
+            self._budget_noted = True
+            self._note(f"compute fraction {fraction:.3f} missed the budget {budget:.3f}: forced computes (warmup, "
+                       "retention, start/end, max consecutive, policy needing data) or the always-computed probe/"
+                       "corrector blocks set a floor above it, or the run's evaluations differed from the schedule's")
         decisions = [ev.decision for ev in self.trace.evaluations]
         return {
             **self.config.describe(),
@@ -192,6 +224,7 @@ class CacheRun:
             "evaluations_computed": sum(d == COMPUTED for d in decisions),
             "evaluations_filled": sum(d != COMPUTED for d in decisions),
             "cells": self.trace.counts(),
+            "budget": self.gate.budget,
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
             "peak_cache_bytes": self.peak_bytes,

@@ -140,7 +140,7 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
         run.store("model", eps)
         reference = run.reference_chunk(eps)
         if reference is not None:
-            run.computed(reference)
+            run.computed(reference, reference)
         run.mark(0, COMPUTED)
         return denoised
     run.mark(0, run.fill_action)
