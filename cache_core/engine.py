@@ -36,7 +36,7 @@ class CacheConfig:
             raise ValueError(
                 f"the '{self.policy.method}' policy reads the always-computed probe blocks, which the "
                 f"'{self.site.kind}' site with probe_blocks {self.site.probe_blocks} does not have: on Apply Feature "
-                "Cache set site to 'span' or 'blocks' and probe_blocks to 1 or more")
+                "Cache set site to 'span' or 'blocks' with probe_blocks >= 1")
         if self.memory_budget_mb < 0:
             raise ValueError("memory_budget_mb must be >= 0 (0 means unlimited)")
         if self.tokens is not None and not self.site.uses_blocks:
@@ -46,7 +46,6 @@ class CacheConfig:
         return {
             "method": self.policy.method,
             "threshold": self.policy.effective_threshold,
-            "budget": self.policy.budget,
             "forecaster": self.forecaster.label,
             "site": self.site.kind,
             "probe_blocks": self.site.probe_blocks,

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .budget import BudgetController, ThresholdGate, budget_for_speed
+from .calibration import MagnitudeCurve
 
 # Indicators a site can provide to a policy at its decision point.
 NO_INDICATOR = "none"
@@ -378,7 +379,6 @@ class MagCache(Policy):
 
 class _MagnitudeState(PolicyState):
     def __init__(self, curve: Optional[tuple]):
-        from .calibration import MagnitudeCurve
         self.curve = None if curve is None else MagnitudeCurve(curve)
         self.recorder = MagnitudeCurve.recorder() if curve is None else None
         self.previous_sigma: Optional[float] = None
@@ -408,8 +408,3 @@ class _MagnitudeState(PolicyState):
 
 POLICIES = {cls.method: cls for cls in (FixedInterval, TeaCache, EasyCache, FirstBlock, DiCache, MagCache)}
 
-
-def make_policy(method: str, **settings) -> Policy:
-    if method not in POLICIES:
-        raise ValueError(f"unknown cache policy '{method}'; available: {', '.join(POLICIES)}")
-    return POLICIES[method](**settings)

@@ -21,6 +21,7 @@ class BlockKind:
 @dataclass(frozen=True)
 class Adapter:
     family: str
+    key: str  # the family's key in the policies' per-family defaults (cache_core.policies)
     model_class: str  # module.qualname of the diffusion model class
     kinds: tuple
     modulated_input: Optional[Callable] = None  # (block module, args) -> timestep-modulated input of block 0
@@ -58,6 +59,7 @@ def _wan_modulated_input(block, args) -> torch.Tensor:
 ADAPTERS = (
     Adapter(
         family="Flux",
+        key="flux",
         model_class="comfy.ldm.flux.model.Flux",
         kinds=(BlockKind("double_block", "double_blocks", ("img", "txt")),
                BlockKind("single_block", "single_blocks", ("img",))),
@@ -65,6 +67,7 @@ ADAPTERS = (
     ),
     Adapter(
         family="Wan 2.1 / 2.2",
+        key="wan",
         model_class="comfy.ldm.wan.model.WanModel",
         kinds=(BlockKind("double_block", "blocks", ("img",)),),
         modulated_input=_wan_modulated_input,

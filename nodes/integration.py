@@ -6,6 +6,7 @@ wrapper (whole-model site) or `patches_replace["dit"]` entries (block sites).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -14,8 +15,9 @@ from typing import Optional
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED
+from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED, MagCache
 from .adapters import Adapter, adapter_for
+from .calibration_store import calibrated_policy, save_calibration
 from .progress import send, with_progress
 
 WRAPPER_KEY = "feature_cache"
@@ -57,6 +59,8 @@ def install(model, config: CacheConfig, handle: CacheHandle):
         adapter = adapter_for(model.model.diffusion_model)
         layout = tuple(adapter.layout(model.model.diffusion_model))
         config.site.validate(list(layout))
+        # per-family defaults (TeaCache's polynomial, DiCache's gain clip) apply to the block indicators
+        config = dataclasses.replace(config, policy=config.policy.for_family(adapter.key))
     if config.tokens is not None:
         raise NotImplementedError(
             "token-level partial recompute (Cache Token Ratio) is not available in this version yet; "
@@ -80,17 +84,25 @@ def _outer_sample(executor, *args, **kwargs):
     original_options = guider.model_options
     setup: CacheSetup = original_options["transformer_options"][SETUP_KEY]
     sigmas = args[3]
-    policy = setup.config.policy
+    config, notes = setup.config, []
+    if isinstance(config.policy, MagCache) and config.policy.calibrating:
+        policy, calibration = calibrated_policy(config.policy, guider.model_patcher, args[2], sigmas.tolist())
+        config, notes = dataclasses.replace(config, policy=policy), [calibration.message]
+    policy = config.policy
     sampling = guider.model_patcher.model.model_sampling
     active = (sampling.percent_to_sigma(policy.start_percent), sampling.percent_to_sigma(policy.end_percent))
-    run = CacheRun(setup.config, setup.rows, sigmas.tolist(), active)
+    run = CacheRun(config, setup.rows, sigmas.tolist(), active)
+    run.notes.extend(notes)
     options = comfy.model_patcher.create_model_options_clone(original_options)
     options["transformer_options"][RUN_KEY] = _RunContext(run, setup, guider.model_patcher.model.diffusion_model)
     guider.model_options = options
     args = list(args)
     args[5] = with_progress(args[5], run, setup.handle.node_id)  # the step callback
     try:
-        return executor(*args, **kwargs)
+        result = executor(*args, **kwargs)
+        if isinstance(policy, MagCache) and policy.calibrating:  # only a finished run is a calibration
+            run.notes.append(save_calibration(calibration, run.policy_state.recorded))
+        return result
     finally:
         guider.model_options = original_options
         report = run.report()

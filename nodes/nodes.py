@@ -11,8 +11,9 @@ from comfy_api.latest import ComfyExtension, io
 
 import folder_paths
 
-from ..cache_core import (FORECASTER_KINDS, MAX_TAYLOR_ORDER, POLICIES, SITE_KINDS, TOKEN_SELECTIONS, CacheConfig,
-                          ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy, render_map)
+from ..cache_core import (DEFAULT_METHOD, FORECASTER_KINDS, MAX_TAYLOR_ORDER, POLICIES, RECOMMENDED_FORECASTER,
+                          RECOMMENDED_PROBE_BLOCKS, RECOMMENDED_SITE, SITE_KINDS, TOKEN_SELECTIONS, CacheConfig,
+                          ForecasterConfig, Site, TokenConfig, Trace, make_policy, render_map)
 from .integration import SETUP_KEY, CacheHandle, install
 
 CachePolicy = io.Custom("CACHE_POLICY")
@@ -21,10 +22,15 @@ CacheTokens = io.Custom("CACHE_TOKENS")
 CATEGORY = "model_patches/feature_cache"
 
 _METHOD_HELP = {
-    "fixed": "fixed interval (FORA): compute one step in every N, N from speed (1..6)",
+    DEFAULT_METHOD: "the recommended method (README: chosen on the benchmark across models and samplers)",
+    "fixed": "fixed interval (FORA): evenly spaced computes within the budget",
     "teacache": "TeaCache: accumulated change of the timestep-modulated input",
     "easycache": "EasyCache: predicted output change from the input change and the transformation rate",
     "first_block": "first-block / DBCache: compare the residual of the probe blocks (needs a block site, probe >= 1)",
+    "dicache": "DiCache: the probe blocks' accumulated change decides, their trajectory scales the fill (needs a block "
+               "site with probe >= 1; first 20% of steps computed)",
+    "magcache": "MagCache: calibrated magnitude ratio of the residual; the first run of a model/sampler/schedule "
+                "computes every step to calibrate (stored in ComfyUI's user folder), later runs use it",
 }
 
 
@@ -45,30 +51,47 @@ class CachePolicyNode(io.ComfyNode):
             category=CATEGORY,
             description="When to compute the model and when to fill from the cache.",
             inputs=[
-                io.Combo.Input("method", options=list(POLICIES), default="teacache",
+                io.Combo.Input("method", options=[DEFAULT_METHOD, *POLICIES], default=DEFAULT_METHOD,
                                tooltip="; ".join(f"{k}: {v}" for k, v in _METHOD_HELP.items())),
                 io.Float.Input("speed", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="One slider from quality (0: compute every step, identical output) to speed (1)."),
+                               tooltip="The compute budget: the fraction of the model's work done is 0.15 ** speed "
+                                       "(0: every step, identical output; 0.5: 39%, about 2.6x; 1: 15%, about 6.7x)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Caching starts at this fraction of the schedule; earlier steps are computed."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Caching ends at this fraction of the schedule; later steps are computed."),
                 io.Int.Input("warmup_steps", default=1, min=0, max=1000,
                              tooltip="The first model evaluations that are always computed."),
-                io.Int.Input("max_consecutive", default=0, min=0, max=1000,
-                             tooltip="At most this many filled evaluations in a row (0: no limit)."),
+                io.Int.Input("max_consecutive", default=0, min=-1, max=1000,
+                             tooltip="At most this many filled evaluations in a row (0: no limit; -1: the method's "
+                                     "default, 4 for magcache, else no limit)."),
                 io.Float.Input("threshold", default=-1.0, min=-1.0, max=100.0, step=0.001,
-                               tooltip="Advanced: the method's own threshold (interval for 'fixed'); -1 derives it from speed."),
+                               tooltip="Advanced: the method's own threshold (interval for 'fixed'); -1 derives the "
+                                       "budget from speed instead."),
+                io.Float.Input("retention_ratio", default=-1.0, min=-1.0, max=0.99, step=0.01, optional=True,
+                               tooltip="Fraction of the first steps always computed (-1: the method's default, 0.2 for "
+                                       "dicache and magcache, else 0)."),
+                io.Float.Input("max_gain", default=0.0, min=0.0, max=10.0, step=0.05, optional=True,
+                               tooltip="dicache: clip of the probe-trajectory gain of a fill (1 = plain reuse; 0: the "
+                                       "model family's default, Flux 1.5, Wan 2)."),
             ],
             outputs=[CachePolicy.Output(display_name="policy")],
         )
 
     @classmethod
-    def execute(cls, method, speed, start_percent, end_percent, warmup_steps, max_consecutive, threshold):
-        policy = _build(make_policy, method=method, speed=speed, start_percent=start_percent,
-                        end_percent=end_percent, warmup_steps=warmup_steps, max_consecutive=max_consecutive,
+    def execute(cls, method, speed, start_percent, end_percent, warmup_steps, max_consecutive, threshold,
+                retention_ratio=-1.0, max_gain=0.0):
+        settings = dict(speed=speed, start_percent=start_percent, end_percent=end_percent, warmup_steps=warmup_steps,
                         threshold=None if threshold < 0 else threshold)
-        return io.NodeOutput(policy)
+        if max_consecutive >= 0:
+            settings["max_consecutive"] = max_consecutive
+        if retention_ratio >= 0:
+            settings["retention_ratio"] = retention_ratio
+        if max_gain > 0:
+            if method != "dicache":
+                raise ValueError(f"Feature cache: max_gain applies to the dicache method, not '{method}': set it to 0")
+            settings["max_gain"] = max_gain
+        return io.NodeOutput(_build(make_policy, method=method, **settings))
 
 
 class CacheForecasterNode(io.ComfyNode):
@@ -128,21 +151,23 @@ class ApplyFeatureCacheNode(io.ComfyNode):
             description="Returns a model that samples with feature caching. Bypass or remove it to get the plain model.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with feature caching."),
-                io.Combo.Input("site", options=list(SITE_KINDS), default="span",
+                io.Combo.Input("site", options=list(SITE_KINDS), default=RECOMMENDED_SITE,
                                tooltip="model: the whole model's output (any architecture); span: the blocks between "
                                        "the probe and corrector blocks as one residual; blocks: each block on its own "
                                        "(Flux, Wan)."),
-                io.Int.Input("probe_blocks", default=1, min=0, max=200,
+                io.Int.Input("probe_blocks", default=RECOMMENDED_PROBE_BLOCKS, min=0, max=200,
                              tooltip="Block sites only: first blocks always computed (Fn); their residual is the "
-                                     "first_block policy's indicator."),
+                                     "first_block and dicache policies' indicator."),
                 io.Int.Input("corrector_blocks", default=0, min=0, max=200,
                              tooltip="Block sites only: last blocks always computed (Bn)."),
                 io.Combo.Input("cache_device", options=["compute", "cpu"], default="compute",
                                tooltip="Keep caches on the compute device, or offload them to CPU memory."),
                 io.Float.Input("memory_budget_mb", default=0.0, min=0.0, max=1e6, step=64.0,
                                tooltip="Stop caching for the run if caches exceed this size (0: no limit)."),
-                CachePolicy.Input("policy", optional=True, tooltip="Default: TeaCache at speed 0.5."),
-                CacheForecaster.Input("forecaster", optional=True, tooltip="Default: reuse."),
+                CachePolicy.Input("policy", optional=True,
+                                  tooltip="Default: the recommended method ('default' of Cache Policy) at speed 0.5."),
+                CacheForecaster.Input("forecaster", optional=True,
+                                      tooltip=f"Default: the recommended forecaster ({RECOMMENDED_FORECASTER.label})."),
                 CacheTokens.Input("tokens", optional=True, tooltip="Token-level partial recompute (not available yet)."),
             ],
             outputs=[io.Model.Output()],
@@ -154,7 +179,8 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 policy=None, forecaster=None, tokens=None):
         site_config = _build(Site, kind=site, probe_blocks=probe_blocks if site != "model" else 0,
                              corrector_blocks=corrector_blocks if site != "model" else 0)
-        config = _build(CacheConfig, policy=policy or TeaCache(), forecaster=forecaster or ForecasterConfig(),
+        config = _build(CacheConfig, policy=policy or make_policy(DEFAULT_METHOD),
+                        forecaster=forecaster or RECOMMENDED_FORECASTER,
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
                         memory_budget_mb=memory_budget_mb)
         return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
