@@ -47,7 +47,7 @@ from benchmarks.metrics import psnr, ssim
 
 REPO_ROOT = host_module.REPO_ROOT
 PSNR_CAP = 100.0
-SPEEDS = (0.25, 0.5, 0.75, 1.0)  # fixed: compute every 2nd, 3rd, 5th, 6th step
+SPEEDS = (0.39, 0.6, 0.88, 1.0)  # budgets 0.48, 0.32, 0.19, 0.15 (0.15 ** speed): just past 2x, 3x, 5x, and 6.7x
 QUICK_SPEEDS = (0.6,)
 SLICE_SPEEDS = (0.5,)  # fixed interval 3
 # reuse_threshold sweeps spanning each built-in node's range on the tiny models (EasyCache skips far
@@ -61,6 +61,7 @@ DEFAULT_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@bl
 SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks")
 SPEEDUP_LEVELS = (2.0, 3.0, 5.0)
 OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)@(?P<site>\w+)$")
+DEFAULT_NAME = "default"  # the recommended combination: Cache Policy 'default', nothing else connected
 SKIPPED_LINE = re.compile(r"(?:EasyCache|LazyCache) - skipped (\d+)/(\d+) steps")
 
 
@@ -119,7 +120,29 @@ def _ensure_cache_map(host, graph: dict, apply_id: str) -> None:
     raise ValueError("no sampler output (LATENT) downstream of ApplyFeatureCache: cannot read the cache report")
 
 
+def default_method(host, speeds) -> Method:
+    """What a user gets who only moves `speed`: Cache Policy 'default', Apply's default site, no forecaster."""
+    apply_defaults = {key: spec[1]["default"] for key, spec in
+                      host.node_classes["ApplyFeatureCache"].INPUT_TYPES()["required"].items() if key != "model"}
+
+    def rewrite(graph, setting):
+        graph = copy.deepcopy(graph)
+        apply_id = _apply_id(graph)
+        graph[apply_id]["inputs"].update(apply_defaults)
+        forecaster = graph[apply_id]["inputs"].pop("forecaster", None)
+        if forecaster is not None:
+            graph.pop(forecaster[0])
+        _linked_node(graph, apply_id, "policy", "FeatureCachePolicy").update(
+            graphs.POLICY_DEFAULTS, method=DEFAULT_NAME, max_consecutive=-1, **setting)
+        _ensure_cache_map(host, graph, apply_id)
+        return graph
+
+    return Method(DEFAULT_NAME, [{"speed": s} for s in speeds], rewrite, "report")
+
+
 def our_method(host, name: str, speeds) -> Method:
+    if name == DEFAULT_NAME:
+        return default_method(host, speeds)
     match = OUR_NAME.match(name)
     policies = _options(host, "FeatureCachePolicy", "method")
     sites = _options(host, "ApplyFeatureCache", "site")
@@ -133,11 +156,14 @@ def our_method(host, name: str, speeds) -> Method:
         graph = copy.deepcopy(graph)
         apply_id = _apply_id(graph)
         graph[apply_id]["inputs"]["site"] = site
-        _linked_node(graph, apply_id, "policy", "FeatureCachePolicy").update(method=policy, threshold=-1.0, **setting)
+        policy_inputs = _linked_node(graph, apply_id, "policy", "FeatureCachePolicy")
+        policy_inputs.update(method=policy, threshold=-1.0, max_consecutive=-1, **setting)
         _linked_node(graph, apply_id, "forecaster", "FeatureCacheForecaster").update(forecaster_inputs)
         _ensure_cache_map(host, graph, apply_id)
         return graph
 
+    if policy == "magcache":  # its first run of each schedule calibrates (computes every step): do it at speed 0
+        speeds = (0.0, *speeds)
     return Method(name, [{"speed": s} for s in speeds], rewrite, "report", fixed_schedule=policy == "fixed")
 
 
@@ -348,7 +374,7 @@ def measure(host, case, method: Method, setting: dict, references: list, clock: 
             uncached_blocks: dict) -> dict:
     record = dict(model=case.model, case=case.name, method=method.name, setting=setting, status="ok", error=None,
                   samples=len(case.graphs), compute_fraction=None, ideal_speedup=None, wallclock_speedup=None,
-                  efficiency=None, psnr=None, ssim=None, latent_psnr=None, cache_bytes=None,
+                  budget=None, efficiency=None, psnr=None, ssim=None, latent_psnr=None, cache_bytes=None,
                   sampler_seconds=None, sampler_seconds_uncached=None)
     try:
         fractions, fidelity, cache_bytes, cached_t, uncached_t = [], [], [], [], []
@@ -369,6 +395,7 @@ def measure(host, case, method: Method, setting: dict, references: list, clock: 
                     raise ValueError("the cached run produced no cache report")
                 fractions.append(run.report["compute_fraction"])
                 cache_bytes.append(run.report["peak_cache_bytes"])
+                record["budget"] = run.report.get("budget")
             elif method.fraction_from == "log":
                 fractions.append(_fraction_from_log(run.log))
         if method.fraction_from == "blocks":
@@ -482,13 +509,13 @@ def frontier_table(records: list) -> str:
 
 
 def records_table(records: list) -> str:
-    lines = ["| model | case | method | setting | compute fraction | ideal × | wall-clock × | efficiency | PSNR dB | "
-             "SSIM | latent PSNR | cache KiB | status |", "|---|---|---|---|" + "---:|" * 8 + "---|"]
+    lines = ["| model | case | method | setting | budget | compute fraction | ideal × | wall-clock × | efficiency | "
+             "PSNR dB | SSIM | latent PSNR | cache KiB | status |", "|---|---|---|---|" + "---:|" * 9 + "---|"]
     for r in records:
         status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
         kib = None if r["cache_bytes"] is None else r["cache_bytes"] / 1024
         lines.append(f"| {r['model']} | {r['case']} | {r['method']} | {_setting(r['setting'])} | "
-                     f"{_fmt(r['compute_fraction'], '.3f')} | {_fmt(r['ideal_speedup'])} | {_fmt(r['wallclock_speedup'])} | "
+                     f"{_fmt(r.get('budget'), '.3f')} | {_fmt(r['compute_fraction'], '.3f')} | {_fmt(r['ideal_speedup'])} | {_fmt(r['wallclock_speedup'])} | "
                      f"{_fmt(r['efficiency'])} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.4f')} | "
                      f"{_fmt(r['latent_psnr'], '.2f')} | {_fmt(kib, '.1f')} | {status.replace('|', '/')} |")
     return "\n".join(lines)

@@ -112,6 +112,7 @@ def tiny_cases(models: Models, quick: bool, wan_name: str = "tiny-wan") -> list[
     size = QUICK_SIZE if quick else IMAGE_SIZE
     euler = dict(sampler_name="euler", scheduler="simple", steps=6 if quick else 30, cfg=CFG)
     dpm = dict(sampler_name="dpmpp_2m", scheduler="karras", steps=5 if quick else 20, cfg=CFG)
+    unipc = dict(sampler_name="uni_pc", scheduler="beta", steps=6 if quick else 50, cfg=4.0)
     n_labels, seeds = (1, [1]) if quick else (2, [1, 2])
     video_frames = 2 if quick else 4
 
@@ -127,6 +128,8 @@ def tiny_cases(models: Models, quick: bool, wan_name: str = "tiny-wan") -> list[
             _case("wan-image", wan_name, f"image, euler/simple {euler['steps']}", wan(1, euler), paths["wan_labels"],
                   n_labels, seeds),
             _case("wan-image-dpm", wan_name, f"image, dpmpp_2m/karras {dpm['steps']}", wan(1, dpm),
+                  paths["wan_labels"], n_labels, seeds),
+            _case("wan-image-unipc", wan_name, f"image, uni_pc/beta {unipc['steps']} cfg 4", wan(1, unipc),
                   paths["wan_labels"], n_labels, seeds),
             _case("wan-video", wan_name, f"video {video_frames} latent frames, euler/simple {euler['steps']}",
                   wan(video_frames, euler), paths["wan_labels"], n_labels, seeds[:1]),
