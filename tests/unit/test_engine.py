@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from cache_core import (BlockRunner, CacheConfig, CacheRun, FirstBlock, FixedInterval, ForecasterConfig, Site,
-                        TeaCache, TokenConfig, COMPUTED, REUSED, FORECAST)
+from cache_core import (BlockRunner, CacheConfig, CacheRun, DiCache, FirstBlock, FixedInterval, ForecasterConfig,
+                        MagCache, Site, TeaCache, TokenConfig, COMPUTED, REUSED, FORECAST)
 
 LAYOUT = [("double", 2), ("single", 3)]
 STREAMS = {"double": ("img", "txt"), "single": ("img",)}
@@ -127,7 +127,7 @@ def test_filled_span_adds_the_cached_residual_to_its_input():
 
 @pytest.mark.parametrize("site", [Site("span", probe_blocks=1), Site("blocks", probe_blocks=1, corrector_blocks=1)])
 @pytest.mark.parametrize("policy", [TeaCache(speed=0.3, warmup_steps=0), FirstBlock(threshold=0.3, warmup_steps=0),
-                                    FixedInterval(interval=3)])
+                                    FixedInterval(interval=3), DiCache(speed=0.5, max_gain=2.0)])
 def test_batched_and_separate_calls_take_the_same_decisions(site, policy):
     config = CacheConfig(policy=policy, site=site, forecaster=ForecasterConfig("taylor", 1))
     batched, run_b, _ = sample(config)
@@ -137,6 +137,27 @@ def test_batched_and_separate_calls_take_the_same_decisions(site, policy):
     assert any(ev.decision != COMPUTED for ev in run_b.trace.evaluations)
     for a, b in zip(batched, separate):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_dicache_with_gain_one_is_reuse_and_its_gain_moves_the_fill():
+    linear = ForecasterConfig("taylor", 1)
+    site = Site("span", probe_blocks=1)
+    reuse, run, _ = sample(CacheConfig(policy=DiCache(speed=0.2, max_gain=2.0), site=site))
+    unit, _, _ = sample(CacheConfig(policy=DiCache(speed=0.2, max_gain=1.0), site=site, forecaster=linear))
+    aligned, aligned_run, _ = sample(CacheConfig(policy=DiCache(speed=0.2, max_gain=2.0), site=site, forecaster=linear))
+    assert any(ev.decision != COMPUTED for ev in run.trace.evaluations)
+    assert all(torch.equal(a, b) for a, b in zip(reuse, unit))
+    gains = [aligned_run.policy_state.gain(u) for u in ("c", "u")]
+    assert all(1.0 < g <= 2.0 for g in gains)
+    assert not all(torch.equal(a, b) for a, b in zip(reuse, aligned))
+
+
+def test_dicache_and_magcache_read_what_their_site_has():
+    with pytest.raises(ValueError, match="probe_blocks >= 1"):
+        CacheConfig(policy=DiCache(), site=Site("model"))
+    _, run, _ = sample(CacheConfig(policy=MagCache(speed=1.0), site=Site("span", probe_blocks=1)))
+    assert all(ev.decision == COMPUTED for ev in run.trace.evaluations)  # no curve: a calibration run
+    assert len(run.policy_state.recorded) == len(SIGMAS) - 1
 
 
 def test_forecast_fill_is_marked_and_differs_from_reuse():
