@@ -60,3 +60,12 @@ def test_magcache_calibrates_on_first_use_then_spends_its_budget(family, paths, 
 def test_dicache_on_the_model_site_is_refused_before_sampling(paths, run_graph):
     with pytest.raises(Exception, match="probe_blocks >= 1"):
         run_graph(_graph("wan", paths, "dicache", "model"))
+
+
+def test_budget_holds_with_two_evaluations_per_step(paths, run_graph):
+    """Heun evaluates the model twice per step (once at the end): the controller learns it as the run goes."""
+    graph = with_cache(GRAPHS["wan"](paths, steps=12, sampler_name="heun"), apply={"site": "model"},
+                       policy={"method": "easycache", "speed": SPEED})
+    latent, report = run_graph(graph)
+    assert report["evaluations"] > 12 and torch.isfinite(latent).all()
+    assert abs(report["compute_fraction"] - report["budget"]) <= 0.05, report["notes"]
