@@ -34,6 +34,7 @@ class ThresholdGate:
     """The expert override: compute when the policy's value reaches a fixed threshold."""
 
     budget = None
+    compute_share = None
 
     def __init__(self, threshold: float):
         self.threshold = threshold
@@ -71,11 +72,15 @@ class BudgetController:
         per_step = self.evaluations / (step + 1)
         return max(self.evaluations, round(self.steps * per_step))
 
-    def computes_owed(self, total: int) -> float:
-        """Computes the budget allows over `total` evaluations, given what a fill still costs."""
+    @property
+    def compute_share(self) -> float:
+        """Computes / evaluations the budget allows, given what a fill still costs."""
         if self.fill_cost >= 1.0:
-            return float(total)
-        return max(0.0, total * (self.budget - self.fill_cost) / (1.0 - self.fill_cost))
+            return 1.0
+        return max(0.0, (self.budget - self.fill_cost) / (1.0 - self.fill_cost))
+
+    def computes_owed(self, total: int) -> float:
+        return total * self.compute_share
 
     def wants_compute(self, value: float, step: int) -> bool:
         if self.budget >= 1.0:

@@ -124,10 +124,9 @@ class CacheRun:
         policy = self.config.policy
         return (self.over_budget
                 or ev.index < policy.warmup_steps
-                or ev.step < int(policy.effective_retention * self.steps)
+                or ev.step < int(policy.effective_retention(self.gate.compute_share) * self.steps)
                 or not (self.active_high >= ev.sigma > self.active_low)
-                or (policy.effective_max_consecutive > 0
-                    and self.consecutive_fills >= policy.effective_max_consecutive))
+                or 0 < policy.effective_max_consecutive(self.gate.compute_share) <= self.consecutive_fills)
 
     def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]]) -> bool:
         """True to compute. `keys` are the cached values a fill would need for every uuid of the call."""

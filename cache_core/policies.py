@@ -96,17 +96,16 @@ class Policy:
     def effective_threshold(self) -> Optional[float]:
         return self.threshold
 
-    @property
-    def effective_retention(self) -> float:
-        """With a budget, the always-computed start takes at most half of it (the authors' 20% assumes ~2-3x)."""
-        return self.retention_ratio if self.budget is None else min(self.retention_ratio, self.budget / 2)
+    def effective_retention(self, compute_share: Optional[float]) -> float:
+        """With a budget, the always-computed start takes at most half of the computes it allows (the
+        authors' 20% assumes ~2-3x). `compute_share`: computes / evaluations the budget allows."""
+        return self.retention_ratio if compute_share is None else min(self.retention_ratio, compute_share / 2)
 
-    @property
-    def effective_max_consecutive(self) -> int:
-        """With a budget, the limit on consecutive fills leaves room to reach it (at least 2 / budget - 1)."""
-        if self.budget is None or self.max_consecutive == 0:
+    def effective_max_consecutive(self, compute_share: Optional[float]) -> int:
+        """With a budget, the limit on consecutive fills leaves room to reach it (at least 2 / share - 1)."""
+        if compute_share is None or self.max_consecutive == 0:
             return self.max_consecutive
-        return max(self.max_consecutive, math.ceil(2.0 / self.budget) - 1)
+        return max(self.max_consecutive, math.ceil(2.0 / max(compute_share, 1e-3)) - 1)
 
     def new_gate(self, steps: int, fill_cost: float):
         if self.budget is None:

@@ -214,3 +214,12 @@ def test_magcache_without_a_curve_computes_everything_and_records_one():
         state.decided(True)
         state.computed(sigma, None, torch.zeros(1), torch.full((1, 3, 4), norm / 2.0))
     assert MagnitudeCurve(state.recorded).ratio(1.0, 0.1) == pytest.approx(3.0)
+
+
+def test_with_a_budget_retention_and_max_consecutive_leave_room_for_it():
+    policy = MagCache(speed=1.0)  # authors' retention 0.2, K 4
+    assert policy.effective_retention(None) == 0.2 and policy.effective_max_consecutive(None) == 4
+    assert policy.effective_retention(0.15) == pytest.approx(0.075)
+    assert policy.effective_max_consecutive(0.15) == 13  # 1 compute in 14 evaluations is ~0.07 < 0.15
+    assert policy.effective_retention(0.6) == 0.2 and policy.effective_max_consecutive(0.6) == 4
+    assert TeaCache().effective_max_consecutive(0.15) == 0  # no limit stays no limit
