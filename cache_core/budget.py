@@ -56,6 +56,8 @@ class BudgetController:
     blocks of a span site); `steps` the sampler steps of the schedule.
     """
 
+    SLACK = 0.15  # how far (share of the run's computes) the indicator may move computes from an even spread
+
     def __init__(self, budget: float, steps: int, fill_cost: float = 0.0):
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"compute budget must be in (0, 1], got {budget}")
@@ -91,9 +93,16 @@ class BudgetController:
         if owed < 0.5:
             self.threshold = math.inf
             return False
-        if left <= owed:
+        # the indicator places computes, within a band around evenly spread ones: an indicator that
+        # grows late (DiCache's probe, TeaCache's input near the end) must find computes left there
+        planned = self.computes_owed(total) * self.evaluations / total
+        slack = max(1.0, self.SLACK * self.computes_owed(total))
+        if left <= owed or self.computes < planned - slack:
             self.threshold = 0.0
             return True
+        if self.computes + 1 > planned + slack:
+            self.threshold = math.inf
+            return False
         increment = value - (self.previous or 0.0)
         mean = (sum(self.increments) + increment) / (len(self.increments) + 1)
         self.threshold = mean * left / owed
