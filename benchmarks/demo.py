@@ -79,9 +79,10 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({**report, **fidelity, "seconds_cached": cached_s, "seconds_uncached": plain_s}, f, indent=1)
 
+    setting = (f"threshold {report['threshold']:.3g}" if report["budget"] is None
+               else f"budget {report['budget']:.3f}")
     rows = [
-        ("method", f"{report['method']} (threshold {report['threshold']:.3g}), forecaster {report['forecaster']}, "
-                   f"site {report['site']}"),
+        ("method", f"{report['method']} ({setting}), forecaster {report['forecaster']}, site {report['site']}"),
         ("evaluations computed / filled", f"{report['evaluations_computed']} / {report['evaluations_filled']}"),
         ("block compute fraction", f"{report['compute_fraction']:.3f}"),
         ("ideal speedup", f"{report['ideal_speedup']:.2f}x"),
