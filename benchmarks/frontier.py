@@ -508,6 +508,29 @@ def frontier_table(records: list) -> str:
     return "\n".join(lines)
 
 
+def across_cases_table(records: list) -> str:
+    """Per method run on every case: the worst and the mean over cases of its best PSNR at >= 2x, 3x, 5x
+    (a case where it never reaches the level counts as missing: the worst is then "—"). How the
+    recommended default is chosen: one method for every model and sampler."""
+    cases = _cases_in_order(records)
+    if len(cases) < 2:
+        return ""
+    lines = ["| method | " + " | ".join(f"worst / mean ≥{x:g}×" for x in SPEEDUP_LEVELS) + " |",
+             "|---|" + "---:|" * len(SPEEDUP_LEVELS)]
+    for method in dict.fromkeys(r["method"] for r in records):
+        per_case = [[r for r in records if r["method"] == method and (r["model"], r["case"]) == c] for c in cases]
+        if not all(per_case):
+            continue
+        cells = []
+        for level in SPEEDUP_LEVELS:
+            best = [best_psnr(mine, level) for mine in per_case]
+            reached = [b for b in best if b is not None]
+            worst = min(reached) if len(reached) == len(best) else None
+            cells.append(f"{_fmt(worst, '.1f')} / {_fmt(statistics.mean(reached) if reached else None, '.1f')}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def records_table(records: list) -> str:
     lines = ["| model | case | method | setting | budget | compute fraction | ideal × | wall-clock × | efficiency | "
              "PSNR dB | SSIM | latent PSNR | cache KiB | status |", "|---|---|---|---|" + "---:|" * 9 + "---|"]
@@ -531,6 +554,9 @@ def write_markdown(path: str, records: list, speed_records: list, context: dict)
               "sampler time of interleaved uncached / cached runs (see benchmarks/frontier.py). Tiny models on a "
               "shared CPU: wall-clock numbers are indicative; the slice below is the speed measurement.", "",
               "## Best PSNR at or above an ideal speedup", "", frontier_table(records)]
+    across = across_cases_table(records)
+    if across:
+        lines += ["## Across cases (worst / mean of the best PSNR per case)", "", across, ""]
     if speed_records:
         lines += ["## Speed: real-dims slice (efficiency = wall-clock / ideal speedup)", "",
                   "| method | setting | ideal × | wall-clock × | efficiency |", "|---|---|---:|---:|---:|"]
