@@ -116,6 +116,11 @@ class Policy:
         """This config with the defaults of a model family (from the nodes' adapter) filled in."""
         return self
 
+    @property
+    def forecaster_order(self) -> Optional[int]:
+        """The Taylor order the method's fills are defined with when no forecaster is chosen (None: any)."""
+        return None
+
     def new_state(self) -> "PolicyState":
         raise NotImplementedError
 
@@ -313,6 +318,10 @@ class DiCache(Policy):
         super().__post_init__()
         if self.max_gain is not None and self.max_gain < 1.0:
             raise ValueError(f"DiCache max_gain must be >= 1 (1 = plain reuse), got {self.max_gain}")
+
+    @property
+    def forecaster_order(self):
+        return 1  # the aligned fill is linear through the last two computes
 
     def for_family(self, family):
         if self.max_gain is not None:

@@ -167,7 +167,8 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 CachePolicy.Input("policy", optional=True,
                                   tooltip="Default: the recommended method ('default' of Cache Policy) at speed 0.5."),
                 CacheForecaster.Input("forecaster", optional=True,
-                                      tooltip=f"Default: the recommended forecaster ({RECOMMENDED_FORECASTER.label})."),
+                                      tooltip=f"Default: the recommended forecaster ({RECOMMENDED_FORECASTER.label}); "
+                                              "dicache: taylor 1 (its aligned fill)."),
                 CacheTokens.Input("tokens", optional=True, tooltip="Token-level partial recompute (not available yet)."),
             ],
             outputs=[io.Model.Output()],
@@ -179,8 +180,11 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 policy=None, forecaster=None, tokens=None):
         site_config = _build(Site, kind=site, probe_blocks=probe_blocks if site != "model" else 0,
                              corrector_blocks=corrector_blocks if site != "model" else 0)
-        config = _build(CacheConfig, policy=policy or make_policy(DEFAULT_METHOD),
-                        forecaster=forecaster or RECOMMENDED_FORECASTER,
+        policy = policy or make_policy(DEFAULT_METHOD)
+        if forecaster is None:  # the method's own fill if it defines one (DiCache: linear), else the recommended
+            order = policy.forecaster_order
+            forecaster = RECOMMENDED_FORECASTER if order is None else ForecasterConfig("taylor", order)
+        config = _build(CacheConfig, policy=policy, forecaster=forecaster,
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
                         memory_budget_mb=memory_budget_mb)
         return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
