@@ -9,9 +9,9 @@ from .forecasters import ForecasterConfig
 from .policies import POLICIES, Policy
 
 DEFAULT_METHOD = "default"
-RECOMMENDED_POLICY = "teacache"
-RECOMMENDED_FORECASTER = ForecasterConfig("taylor", 1)
-RECOMMENDED_SITE = "span"
+RECOMMENDED_POLICY = "easycache"
+RECOMMENDED_FORECASTER = ForecasterConfig("reuse", 0)
+RECOMMENDED_SITE = "model"
 RECOMMENDED_PROBE_BLOCKS = 1
 
 
