@@ -2,7 +2,8 @@
 from .blocks import BlockRunner
 from .budget import BudgetController, budget_for_speed
 from .engine import CacheConfig, CacheRun
-from .forecasters import FORECASTER_KINDS, MAX_TAYLOR_ORDER, ForecasterConfig, TaylorForecaster
+from .forecasters import FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, Forecaster, ForecasterConfig, TaylorForecaster
+from .grid import TokenGrid
 from .policies import POLICIES, DiCache, EasyCache, FirstBlock, FixedInterval, MagCache, Policy, TeaCache
 from .recommended import (DEFAULT_METHOD, RECOMMENDED_FORECASTER, RECOMMENDED_PROBE_BLOCKS, RECOMMENDED_SITE,
                           make_policy)
@@ -12,8 +13,8 @@ from .trace import COMPUTED, FORECAST, REUSED, Trace, render_map
 
 __all__ = [
     "BlockRunner", "BudgetController", "budget_for_speed", "CacheConfig", "CacheRun", "FORECASTER_KINDS",
-    "MAX_TAYLOR_ORDER", "ForecasterConfig", "TaylorForecaster", "POLICIES", "DiCache", "EasyCache", "FirstBlock",
-    "FixedInterval", "MagCache", "Policy", "TeaCache", "DEFAULT_METHOD", "RECOMMENDED_FORECASTER",
-    "RECOMMENDED_PROBE_BLOCKS", "RECOMMENDED_SITE", "make_policy", "SITE_KINDS", "Site", "TOKEN_SELECTIONS",
-    "TokenConfig", "COMPUTED", "FORECAST", "REUSED", "Trace", "render_map",
+    "MAX_TAYLOR_ORDER", "ORDERS", "Forecaster", "ForecasterConfig", "TaylorForecaster", "TokenGrid", "POLICIES",
+    "DiCache", "EasyCache", "FirstBlock", "FixedInterval", "MagCache", "Policy", "TeaCache", "DEFAULT_METHOD",
+    "RECOMMENDED_FORECASTER", "RECOMMENDED_PROBE_BLOCKS", "RECOMMENDED_SITE", "make_policy", "SITE_KINDS", "Site",
+    "TOKEN_SELECTIONS", "TokenConfig", "COMPUTED", "FORECAST", "REUSED", "Trace", "render_map",
 ]

@@ -4,6 +4,12 @@ Architecture-neutral: a block is called with an `args` dict whose hidden-state e
 `streams` (e.g. Flux double blocks ("img", "txt"), Wan blocks ("img",)), and `run_block(args)`
 returns a dict with the same stream entries. A filled segment returns input + forecast residual at
 its first block and passes its input through the rest, so skipped blocks cost nothing.
+
+Models may add to a stream between blocks (ControlNet residuals, VACE hints). Those additions are not
+part of a segment's cached residual: within a computed segment, what arrived at a block beyond the
+previous block's output is added to the segment's base, so on a filled step the host adds the current
+additions on top of the filled value and block skipping stays correct.
+A block that ends a stream (SD3's last block returns no text) passes that stream through.
 """
 from __future__ import annotations
 
@@ -12,11 +18,13 @@ from typing import Callable, Optional
 import torch
 
 from .engine import CacheRun
+from .grid import TokenGrid
 from .policies import INPUT, MODULATED_INPUT, PROBE_INDICATORS, PROBE_OUTPUT, PROBE_RESIDUAL
 from .sites import CORRECTOR, PROBE, BlockPlan
 from .trace import COMPUTED
 
 ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]
+TokenGridOf = Callable[[str, str], Optional[TokenGrid]]  # (block kind, stream) -> its image-token grid
 
 # Blocks may update their input in place (Flux does), so anything read after a block ran is a copy.
 
@@ -31,15 +39,18 @@ class _Call:
         self.probe_kind: Optional[str] = None
         self.probe_base: Optional[torch.Tensor] = None
         self.probe_out: Optional[torch.Tensor] = None
-        self.segment_inputs: dict = {}
+        self.segment_inputs: dict = {}  # per stream: the segment's input plus what was added between its blocks
+        self.last_out: dict = {}  # per stream: a copy of the previous block's output within the segment
 
 
 class BlockRunner:
-    def __init__(self, run: CacheRun, plan: BlockPlan, streams: dict, modulated_input: Optional[ModulatedInput] = None):
+    def __init__(self, run: CacheRun, plan: BlockPlan, streams: dict, modulated_input: Optional[ModulatedInput] = None,
+                 token_grid: Optional[TokenGridOf] = None):
         self.run = run
         self.plan = plan
         self.streams = streams
         self.modulated_input = modulated_input
+        self.token_grid = token_grid
         self.segment_keys = [(seg.key, s) for seg in plan.segments for s in streams[seg.kind]]
         self.call = _Call()
 
@@ -88,10 +99,13 @@ class BlockRunner:
         segment = self.plan.segments[segment_number]
         if g == self.plan.decision_block:
             self.call.decision_input = args[streams[0]]
+            probed = self.run.config.policy.indicator in PROBE_INDICATORS and self.call.probe_out is not None
+            if probed:
+                self.run.observe_probe(self._probe_residual())
             self.call.compute = self.run.decide(self.segment_keys, self._indicator)
             self.call.decision_input = None
-            if self.run.config.policy.indicator in PROBE_INDICATORS and self.call.probe_out is not None:
-                self.run.observe_probe(self._probe_residual(), self.call.compute)
+            if probed and self.call.compute:
+                self.run.probe_computed()
         if not self.call.compute:
             self.run.mark(g, self.run.fill_action)
             if index != segment.first:
@@ -99,12 +113,19 @@ class BlockRunner:
             return {s: args[s] + self.run.fill((segment.key, s), args[s]) for s in streams}
         if index == segment.first:
             self.call.segment_inputs = {s: args[s].clone() for s in streams}
+        else:
+            for s in streams:
+                self.call.segment_inputs[s] += args[s] - self.call.last_out[s]
         out = run_block(args)
+        out = {**out, **{s: args[s] for s in streams if out.get(s) is None}}
         self.run.mark(g, COMPUTED)
-        if index == segment.last:
+        if index != segment.last:
+            self.call.last_out = {s: out[s].clone() for s in streams}
+        else:
             residuals = {s: out[s] - self.call.segment_inputs[s] for s in streams}
             for s in streams:
-                self.run.store((segment.key, s), residuals[s])
+                grid = self.token_grid(kind, s) if self.token_grid else None
+                self.run.store((segment.key, s), residuals[s], grid)
             if segment_number == 0:
                 reference = self.run.reference_chunk(out[streams[0]])
                 if reference is not None:

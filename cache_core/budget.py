@@ -48,6 +48,9 @@ class ThresholdGate:
     def record(self, value: Optional[float], compute: bool) -> None:
         pass
 
+    def overruled(self) -> None:
+        pass
+
 
 class BudgetController:
     """Places computes so that the run's block compute fraction lands on `budget`.
@@ -117,3 +120,8 @@ class BudgetController:
             self.increments.append(value - (self.previous or 0.0))
         self.previous = None if compute else value
         self.computes += int(compute)
+
+    def overruled(self) -> None:
+        """A fill the engine turned into a compute after all (no safe forecast)."""
+        self.previous = None
+        self.computes += 1

@@ -30,13 +30,14 @@ PROBE_INDICATORS = (PROBE_RESIDUAL, PROBE_OUTPUT)
 # TeaCache's published rescaling polynomials (highest power first), fitted per model on the relative
 # L1 change of the indicator against that of the model output. Source: TeaCache (Liu et al., CVPR
 # 2025) as shipped in welltop-cn/ComfyUI-TeaCache nodes.py (SUPPORTED_MODELS_COEFFICIENTS).
-# Only families whose published indicator is the one our adapter computes are listed: Flux's is the
-# timestep-modulated image input of double block 0, as ours. Wan's published polynomials (e.g.
-# 1.3B: 2396.77, -1311.11, 201.33, -8.30, 0.138) are fitted on the time embedding, which the Wan
-# block does not receive, so Wan runs on the raw change. HunyuanVideo (733.23, -401.13, 67.59,
-# -3.15, 0.0961) and LTXV (21.47, -12.80, 2.31, 0.792, 0.00969) have no block adapter yet.
+# Only families whose published indicator is the one our adapter computes are listed: Flux's and
+# HunyuanVideo's is the timestep-modulated image input of double block 0, as ours. Wan's published
+# polynomials (e.g. 1.3B: 2396.77, -1311.11, 201.33, -8.30, 0.138) are fitted on the time embedding,
+# which the Wan block does not receive, so Wan runs on the raw change; LTXV's (21.47, -12.80, 2.31,
+# 0.792, 0.00969) on an indicator our LTXV adapter does not compute.
 TEACACHE_COEFFICIENTS = {
     "flux": (4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01),
+    "hunyuan_video": (7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02),
 }
 
 # DiCache's clip of the alignment gain per family (authors' defaults, design note 6).
@@ -138,8 +139,11 @@ class PolicyState:
                  residual: torch.Tensor) -> None:
         """Called after every compute with the cached region's output and residual (reference chunk)."""
 
-    def observe_probe(self, uuid, sigma: float, residual: torch.Tensor, computed: bool) -> None:
-        """Every evaluation of every conditioning at a probe site: the probe blocks' residual."""
+    def observe_probe(self, uuid, residual: torch.Tensor) -> None:
+        """Every evaluation of every conditioning at a probe site, before its decision: the probe blocks' residual."""
+
+    def probe_computed(self, uuid, sigma: float) -> None:
+        """The conditioning's evaluation whose probe was observed last is computed."""
 
     def fill_time(self, uuid, sigma: float) -> float:
         """The time at which the forecaster is asked for a fill (DiCache remaps it)."""
@@ -346,11 +350,12 @@ class _ProbeAlignedState(_AccumulatedChangeState):
         self.max_gain = max_gain
         self.trajectories: dict = {}
 
-    def observe_probe(self, uuid, sigma, residual, computed):
-        trajectory = self.trajectories.setdefault(uuid, _ProbeTrajectory())
-        trajectory.current = residual.detach().clone()
-        if computed:
-            trajectory.computed = (trajectory.computed + [(sigma, trajectory.current)])[-2:]
+    def observe_probe(self, uuid, residual):
+        self.trajectories.setdefault(uuid, _ProbeTrajectory()).current = residual.detach().clone()
+
+    def probe_computed(self, uuid, sigma):
+        trajectory = self.trajectories[uuid]
+        trajectory.computed = (trajectory.computed + [(sigma, trajectory.current)])[-2:]
 
     def gain(self, uuid) -> float:
         trajectory = self.trajectories.get(uuid)

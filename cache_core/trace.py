@@ -21,6 +21,7 @@ class Evaluation:
     actions: list
     indicator: Optional[float] = None
     decision: str = COMPUTED
+    forced_by: Optional[str] = None  # why this evaluation had to be computed, when not the policy's choice
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Trace:
     def from_dict(cls, data: dict) -> "Trace":
         return cls(list(data["rows"]), [
             Evaluation(e["index"], e["sigma"], e["step"], list(e["actions"]), e.get("indicator"),
-                       e.get("decision", COMPUTED))
+                       e.get("decision", COMPUTED), e.get("forced_by"))
             for e in data["evaluations"]])
 
     def to_dict(self) -> dict:
@@ -68,7 +69,7 @@ class Trace:
             "rows": list(self.rows),
             "evaluations": [
                 {"index": ev.index, "sigma": ev.sigma, "step": ev.step, "decision": ev.decision,
-                 "indicator": ev.indicator, "actions": list(ev.actions)}
+                 "indicator": ev.indicator, "actions": list(ev.actions), "forced_by": ev.forced_by}
                 for ev in self.evaluations
             ],
         }

@@ -100,10 +100,15 @@ def test_unknown_method_lists_available():
 def _dicache_with_history(max_gain, probe_now):
     """Probe residuals 0 at sigma 1.0 and 1 at sigma 0.8 (computed), `probe_now` at sigma 0.6."""
     state = DiCache(max_gain=max_gain).new_state()
-    state.observe_probe("c", 1.0, torch.zeros(4), computed=True)
-    state.observe_probe("c", 0.8, torch.ones(4), computed=True)
-    state.observe_probe("c", 0.6, torch.full((4,), probe_now), computed=False)
+    _observe(state, "c", [(1.0, 0.0, True), (0.8, 1.0, True), (0.6, probe_now, False)])
     return state
+
+
+def _observe(state, uuid, points):
+    for sigma, probe, computed in points:
+        state.observe_probe(uuid, torch.full((4,), probe))
+        if computed:
+            state.probe_computed(uuid, sigma)
 
 
 @pytest.mark.parametrize("probe_now,max_gain,gain", [(1.3, 2.0, 1.3), (0.5, 2.0, 1.0), (3.0, 2.0, 2.0),
@@ -131,9 +136,7 @@ def test_dicache_fill_is_the_aligned_residual_and_gain_one_is_reuse():
 
 def test_dicache_keeps_each_conditioning_apart():
     state = _dicache_with_history(2.0, 1.5)
-    state.observe_probe("u", 1.0, torch.zeros(4), computed=True)
-    state.observe_probe("u", 0.8, torch.full((4,), 2.0), computed=True)
-    state.observe_probe("u", 0.6, torch.full((4,), 2.2), computed=False)
+    _observe(state, "u", [(1.0, 0.0, True), (0.8, 2.0, True), (0.6, 2.2, False)])
     assert state.gain("c") == pytest.approx(1.5) and state.gain("u") == pytest.approx(1.1)
 
 
