@@ -6,11 +6,11 @@ from .grid import TokenGrid
 from .policies import POLICIES, EasyCache, FirstBlock, FixedInterval, Policy, TeaCache, make_policy
 from .sites import SITE_KINDS, Site
 from .tokens import TOKEN_SELECTIONS, TokenConfig
-from .trace import COMPUTED, FORECAST, REUSED, Trace, render_map
+from .trace import COMPUTED, FORECAST, REUSED, Trace
 
 __all__ = [
     "BlockRunner", "CacheConfig", "CacheRun", "FORECASTER_KINDS", "MAX_TAYLOR_ORDER", "ORDERS", "Forecaster",
     "ForecasterConfig", "TaylorForecaster", "TokenGrid", "POLICIES", "EasyCache", "FirstBlock", "FixedInterval",
     "Policy", "TeaCache", "make_policy", "SITE_KINDS", "Site", "TOKEN_SELECTIONS", "TokenConfig", "COMPUTED",
-    "FORECAST", "REUSED", "Trace", "render_map",
+    "FORECAST", "REUSED", "Trace",
 ]
