@@ -102,18 +102,23 @@ def to_ui(graph: dict, info: dict, notes: list | None = None, groups: list | Non
     if len(set(ids.values())) != len(ids):
         ids = {nid: i + 1 for i, nid in enumerate(graph)}
     depth = _depths(graph)
+    sizes = {}
+    for nid, node in graph.items():
+        width, height = NODE_SIZES.get(node["class_type"], (320, 0))
+        slots = list(_inputs(info[node["class_type"]]))
+        sizes[nid] = (width, height or 46 + 24 * (len(slots) + sum(c for *_, c in slots)))
+    column_x, x = {}, 40
+    for d in range(max(depth.values()) + 1):  # each column as wide as its widest node
+        column_x[d] = x
+        x += max((sizes[n][0] for n in graph if depth[n] == d), default=0) + 60
     column_y: dict = {}
     nodes, links = [], []
     positions = {}
     for nid in sorted(graph, key=lambda n: (depth[n], ids[n])):
-        node = graph[nid]
-        width, height = NODE_SIZES.get(node["class_type"], (320, 0))
-        slots = list(_inputs(info[node["class_type"]]))
-        height = height or 46 + 24 * (len(slots) + sum(c for *_, c in slots))
-        x = 40 + 400 * depth[nid]
+        width, height = sizes[nid]
         y = column_y.get(depth[nid], 60)
         column_y[depth[nid]] = y + height + 60
-        positions[nid] = (x, y, width, height)
+        positions[nid] = (column_x[depth[nid]], y, width, height)
     outputs = {nid: [[] for _ in info[graph[nid]["class_type"]]["output"]] for nid in graph}
     link_of = {}
     for nid, node in graph.items():

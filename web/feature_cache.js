@@ -180,7 +180,7 @@ class CacheMapView {
     this.summary.textContent = summaryText(state);
     this.drawLegend();
     const cols = state.columns.length;
-    const rows = state.header?.rows?.length ?? Math.max(0, ...state.columns.map((c) => c?.length ?? 0));
+    const rows = state.header?.rows?.length ?? Math.max(0, ...Array.from(state.columns, (c) => c?.length ?? 0));
     const ctx = this.canvas.getContext("2d");
     const dpr = window.devicePixelRatio || 1;
     const width = Math.max(this.scroll.clientWidth, 50);
