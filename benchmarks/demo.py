@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     for k, v in rows:
         print(f"  {k.ljust(width)}  {v}")
     print(f"outputs in {os.path.relpath(args.out, REPO_ROOT)}/: cached.png uncached.png cache_map.png report.json")
+    print(f"host log (its expected import warnings included): {os.path.relpath(host.output_dir, REPO_ROOT)}/host.log")
     return 0
 
 
