@@ -157,8 +157,48 @@ class ProgressStream:
         self.server.send_sync(PROGRESS_EVENT, payload, self.client_id)
 
 
-def start(run: CacheRun, node_id: Optional[str]) -> ProgressStream:
-    return ProgressStream(run, node_id, _server())
+APPLY_NODE = "ApplyFeatureCache"
+
+
+def _running_prompt(server, prompt_id) -> Optional[dict]:
+    queue = getattr(server, "prompt_queue", None)
+    for item in list(getattr(queue, "currently_running", {}).values()):
+        if item[1] == prompt_id:
+            return item[2]
+    return None
+
+
+def apply_node_of_current_sampler(server, recorded_id: Optional[str]) -> Optional[str]:
+    """The id of the Apply Feature Cache node that feeds the sampler running now.
+
+    The host caches Apply's output without its node id (it looks for the hidden UNIQUE_ID in V1 form
+    only), so a cached model can reach a sampler under another id, e.g. after Apply was moved into a
+    subgraph ("26:22"); the id recorded when Apply executed is then stale. Walks up the running
+    prompt's links from the executing node; keeps the recorded id when it is an ancestor or when the
+    answer is ambiguous (several Apply nodes) or unknown (no server, a node the host expanded)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return recorded_id
+    context = get_executing_context()
+    prompt = _running_prompt(server, context.prompt_id) if context is not None else None
+    if prompt is None or context.node_id not in prompt:
+        return recorded_id
+    found, seen, pending = [], set(), [context.node_id]
+    while pending:
+        node_id = pending.pop()
+        for value in prompt[node_id]["inputs"].values():
+            if isinstance(value, list) and len(value) == 2 and value[0] in prompt and value[0] not in seen:
+                seen.add(value[0])
+                (found if prompt[value[0]]["class_type"] == APPLY_NODE else pending).append(value[0])
+    if recorded_id in found or len(found) != 1:
+        return recorded_id
+    return found[0]
+
+
+def start(run: CacheRun, recorded_id: Optional[str]) -> ProgressStream:
+    server = _server()
+    return ProgressStream(run, apply_node_of_current_sampler(server, recorded_id), server)
 
 
 def with_progress(callback: Optional[Callable], stream: ProgressStream) -> Optional[Callable]:
