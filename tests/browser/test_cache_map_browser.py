@@ -323,6 +323,7 @@ def test_the_last_map_survives_a_page_reload(ui, server):
 
 def test_the_live_map_works_inside_a_subgraph(ui, server):
     ui.load(_workflow("demo.json"))
+    ui.queue()  # at the root first: the host then reuses this Apply output inside the subgraph
     execution_id = ui.page.evaluate("""() => {
         const inner = app.graph.nodes.filter(n => ['ApplyFeatureCache', 'FeatureCachePolicy',
                                                     'FeatureCacheForecaster'].includes(n.type));
@@ -333,8 +334,8 @@ def test_the_live_map_works_inside_a_subgraph(ui, server):
     ui.queue()
     report = _latest_report(server)
     progress = ui.page.evaluate("window.__fc.progress")
-    # The same Apply settings ran at the root just before: the host reuses its cached model under the
-    # old id, and the events must still name the node inside the subgraph.
+    # The host reused the root run's cached Apply output (its id is not in the host's cache key);
+    # the events must still name the node inside the subgraph.
     assert progress[-1]["node"] == execution_id and progress[-1]["done"], progress[-1]
     _check_map(ui, execution_id, report)  # drawn on the Apply node inside the subgraph
     _check_map(ui, "FeatureCacheMap", report)
