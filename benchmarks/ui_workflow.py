@@ -45,6 +45,18 @@ def _type_name(spec) -> str:
     return "COMBO" if isinstance(spec[0], list) else spec[0]
 
 
+_MISSING = object()
+
+
+def widget_default(spec):
+    """A widget's default as the frontend sets it: the declared default, else a combo's first option."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if options.get("default") is not None:
+        return options["default"]
+    choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
+    return choices[0] if choices else None
+
+
 def to_api(workflow: dict, info: dict) -> dict:
     """The API prompt the frontend would queue for a (flat, subgraph-free) UI workflow."""
     if workflow.get("definitions", {}).get("subgraphs"):
@@ -63,10 +75,12 @@ def to_api(workflow: dict, info: dict) -> dict:
         inputs = {}
         for name, _, widget, control in _inputs(info[node["type"]]):
             if widget:
-                try:
-                    inputs[name] = next(values)
-                except StopIteration:
-                    raise ValueError(f"node {node['id']} ({node['type']}): no widget value for '{name}'") from None
+                value = next(values, _MISSING)
+                if value is _MISSING:  # saved before the node gained this input: the frontend uses its default
+                    value = widget_default(spec)
+                    if value is None:
+                        raise ValueError(f"node {node['id']} ({node['type']}): no widget value for '{name}'")
+                inputs[name] = value
                 if control:
                     next(values, None)
             if name in linked:
@@ -136,11 +150,7 @@ def to_ui(graph: dict, info: dict, notes: list | None = None, groups: list | Non
             value = node["inputs"].get(name)
             linked = isinstance(value, list)
             if widget:
-                default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
-                options = spec[0] if isinstance(spec[0], list) else spec[1].get("options", []) if len(spec) > 1 else []
-                if default is None and options:
-                    default = options[0]
-                values.append(default if linked or value is None else value)
+                values.append(widget_default(spec) if linked or value is None else value)
                 if control:
                     values.append("fixed")
             if not widget or linked:

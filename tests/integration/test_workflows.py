@@ -9,7 +9,7 @@ import os
 import pytest
 
 from benchmarks.host import REPO_ROOT
-from benchmarks.ui_workflow import NOTE_TYPES, SHIPPED, object_info, to_api
+from benchmarks.ui_workflow import NOTE_TYPES, SHIPPED, widget_default, object_info, to_api
 
 UI_WORKFLOWS = sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "*.json")))
 API_WORKFLOWS = sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "api", "*.json")))
@@ -75,7 +75,16 @@ def test_ui_workflow_converts_to_its_api_twin_and_validates_in_the_host(path, in
     assert all(isinstance(i, int) for i in ids) and len(set(ids)) == len(ids)  # the frontend needs numeric ids
     prompt = to_api(workflow, info)
     assert any(n["class_type"] == "ApplyFeatureCache" for n in prompt.values())
-    assert prompt == _load(os.path.join(REPO_ROOT, "workflows", "api", os.path.basename(path)))
+    twin = _load(os.path.join(REPO_ROOT, "workflows", "api", os.path.basename(path)))
+    assert set(prompt) == set(twin)
+    for node_id, node in twin.items():  # the UI file may add optional widgets at their defaults
+        converted = prompt[node_id]
+        assert converted["class_type"] == node["class_type"]
+        assert {k: converted["inputs"][k] for k in node["inputs"]} == node["inputs"], node_id
+        spec = info[node["class_type"]]["input"]
+        for name in set(converted["inputs"]) - set(node["inputs"]):
+            assert name in spec.get("optional", {}), f"{node_id}: required input {name} missing from the API twin"
+            assert converted["inputs"][name] == widget_default(spec["optional"][name]), f"{node_id}.{name}"
     _validate(prompt)
 
 
