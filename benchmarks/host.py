@@ -258,6 +258,7 @@ def boot(output_dir: str | None = None, packs=None, cpu: bool = True) -> Host:
         if output_dir is None:
             output_dir = tempfile.mkdtemp(prefix="fc-host-")
             atexit.register(shutil.rmtree, output_dir, True)
+        os.makedirs(output_dir, exist_ok=True)
         route_host_logs(os.path.join(output_dir, "host.log"))
         host_path = comfyui_path()
         # First, so the host's top-level modules (nodes, utils, ...) win over same-named ones,
