@@ -16,6 +16,7 @@ NOT_RUN_FILL = (225, 225, 225)
 MAX_GRID_HEIGHT = 1600  # a 1000-block video map gets thinner rows, not a 8000-pixel image
 MIN_WIDTH = 480
 PAD = 10
+ROW_LABEL_HEIGHT = 14  # the 11-pixel label font plus a gap
 
 
 def _font(size: int):
@@ -45,6 +46,14 @@ def summary_line(report: dict) -> str:
     return " | ".join(parts)
 
 
+def row_height(n_rows: int, cell: int) -> int:
+    """Tall enough for every row's label while the grid fits MAX_GRID_HEIGHT; thinner rows on deep models."""
+    labelled = max(cell, ROW_LABEL_HEIGHT)
+    if n_rows * labelled <= MAX_GRID_HEIGHT:
+        return labelled
+    return cell if n_rows * cell <= MAX_GRID_HEIGHT else max(1, MAX_GRID_HEIGHT // n_rows)
+
+
 def render_figure(report: dict, cell: int = 8) -> np.ndarray:
     """RGB uint8 figure of a run's report: columns are model evaluations (labelled by step), rows blocks."""
     state = compact(report)
@@ -52,8 +61,7 @@ def render_figure(report: dict, cell: int = 8) -> np.ndarray:
     colors = {entry["code"]: _rgb(entry["color"]) for entry in legend()}
     colors[NOT_RUN] = NOT_RUN_FILL
     n_rows, n_cols = max(1, len(rows)), max(1, len(columns))
-    cw = cell
-    ch = cell if n_rows * cell <= MAX_GRID_HEIGHT else max(1, MAX_GRID_HEIGHT // n_rows)
+    cw, ch = cell, row_height(n_rows, cell)
 
     font, small = _font(13), _font(11)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))

@@ -107,18 +107,20 @@ def test_saved_map_is_a_figure_with_the_cells_axes_and_legend(product):
     cell = 8
     image = figure.render_figure(report, cell)
     assert image.dtype == np.uint8 and image.shape[2] == 3
-    assert image.shape[1] >= figure.MIN_WIDTH and image.shape[0] > 3 * cell + 60  # room for title, axes, legend
+    assert image.shape[1] >= figure.MIN_WIDTH and image.shape[0] > 3 * 14 + 60  # room for title, axes, legend
     colors = {e["action"]: tuple(int(e["color"][i:i + 2], 16) for i in (1, 3, 5)) for e in progress.legend()}
     # Find the grid: the first cell (computed) starts one pixel before its first pure pixel (thin separators).
     ys, xs = np.nonzero((image == colors["computed"]).all(axis=2))
     top = ys.min() - 1
     left = xs[ys == ys.min()].min() - 1  # the legend's swatch has the same colour further down
+    ch = figure.row_height(3, cell)
+    assert ch >= 14  # every row of a small map gets its label
     for c in range(30):
         for r in range(3):
-            centre = image[top + r * cell + cell // 2, left + c * cell + cell // 2]
+            centre = image[top + r * ch + ch // 2, left + c * cell + cell // 2]
             assert tuple(centre) == colors[evaluations[c]["actions"][r]], (c, r)
     text_pixels = (image < 100).all(axis=2)  # dark ink: labels, ticks and title
-    assert text_pixels[:, :left].any() and text_pixels[top + 3 * cell:].any() and text_pixels[:top].any()
+    assert text_pixels[:, :left].any() and text_pixels[top + 3 * ch:].any() and text_pixels[:top].any()
 
 
 def test_progress_reaches_the_browser_that_queued_the_prompt_incrementally(host, paths, product):
