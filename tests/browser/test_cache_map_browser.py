@@ -209,18 +209,24 @@ def test_every_shipped_workflow_loads_in_the_frontend_and_converts_like_the_test
     assert not ui.errors, "\n".join(ui.errors)
 
 
-def test_image_map_live_and_after_sampling_with_hover_details(ui, server):
-    ui.load(_workflow("demo.json"))
+def _run_and_check_both_maps(ui, server, name, screenshot):
+    """Queues a shipped workflow; the live map (Apply) and the finished one (Cache Map) match its trace."""
+    ui.load(_workflow(name))
     ui.queue()
     report = _latest_report(server)
+    drawn = _check_map(ui, "ApplyFeatureCache", report)  # live, on the node that caches
+    _check_map(ui, "FeatureCacheMap", report)  # after sampling, from the node's output
+    ui.show("ApplyFeatureCache")
+    ui.screenshot(screenshot)
+    return report, drawn
+
+
+def test_image_map_live_and_after_sampling_with_hover_details(ui, server):
+    report, drawn = _run_and_check_both_maps(ui, server, "demo.json", "image_map.png")
     progress = ui.page.evaluate("window.__fc.progress")
     apply_id = str(next(n["id"] for n in _workflow("demo.json")["nodes"] if n["type"] == "ApplyFeatureCache"))
     assert progress[-1] == {"node": apply_id, "start": 0, "n": len(report["trace"]["evaluations"]), "done": True}
     assert len(progress) <= 1 + 4 * max(1.0, report["elapsed_s"]) + 1  # throttled
-    drawn = _check_map(ui, "ApplyFeatureCache", report)  # live, on the node that caches
-    _check_map(ui, "FeatureCacheMap", report)  # after sampling, from the node's output
-    ui.show("ApplyFeatureCache")
-    ui.screenshot("image_map.png")
 
     # Hover the second row of the fourth column with the real mouse.
     c, r = 3, 1
@@ -241,20 +247,17 @@ def test_image_map_live_and_after_sampling_with_hover_details(ui, server):
     threshold = re.search(r"threshold (\S+)", tooltip).group(1)
     assert float(threshold) == pytest.approx(report["threshold"], rel=1e-2)
     indicator = re.search(r"indicator (\S+)", tooltip).group(1)
-    assert indicator == "-" if evaluation["indicator"] is None else \
-        float(indicator) == pytest.approx(evaluation["indicator"], rel=1e-2)
+    if evaluation["indicator"] is None:
+        assert indicator == "-"
+    else:
+        assert float(indicator) == pytest.approx(evaluation["indicator"], rel=1e-2)
     ui.screenshot("image_map_hover.png")
     assert not ui.errors, "\n".join(ui.errors)
 
 
 def test_video_map_and_a_1000_block_map_scroll_and_zoom(ui, server):
-    ui.load(_workflow("tiny_wan_video.json"))
-    ui.queue()
-    report = _latest_report(server)
-    _check_map(ui, "ApplyFeatureCache", report)
-    _check_map(ui, "FeatureCacheMap", report)
-    ui.show("ApplyFeatureCache")
-    ui.screenshot("video_map.png")
+    report, _ = _run_and_check_both_maps(ui, server, "tiny_wan_video.json", "video_map.png")
+    assert len(set(e["step"] for e in report["trace"]["evaluations"])) == 20
 
     # A deep video model's map (1000 blocks x 50 steps), sent as the server would at the end of a run.
     node_id = ui.page.evaluate("String(app.graph.nodes.find(n => n.type === 'ApplyFeatureCache').id)")
