@@ -26,7 +26,8 @@ def object_info(node_classes: dict) -> dict:
             continue
         inputs = cls.INPUT_TYPES()
         out[name] = {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()},
-                     "output": list(cls.RETURN_TYPES), "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))}
+                     "output": list(cls.RETURN_TYPES),
+                     "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))}
     return out
 
 

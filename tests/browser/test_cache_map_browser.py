@@ -203,7 +203,8 @@ def test_every_shipped_workflow_loads_in_the_frontend_and_converts_like_the_test
         frontend = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in prompt.items()}
         assert frontend == to_api(workflow, info), os.path.basename(path)
         if os.path.basename(path) == "flux_t2i_teacache_taylor.json":
-            ui.page.evaluate("app.canvas.ds.scale = 0.55; app.canvas.ds.offset = [40, 640]; app.canvas.setDirty(true, true)")
+            ui.page.evaluate("app.canvas.ds.scale = 0.55; app.canvas.ds.offset = [40, 640]; "
+                             "app.canvas.setDirty(true, true)")
             ui.page.wait_for_timeout(300)
             ui.screenshot("workflow_flux_loaded.png")
     assert not ui.errors, "\n".join(ui.errors)
@@ -273,13 +274,14 @@ def test_video_map_and_a_1000_block_map_scroll_and_zoom(ui, server):
     drawn = ui.map_cells("ApplyFeatureCache")
     assert len(drawn["cells"]) == 50 and drawn["layout"]["rows"] == 1000
     assert all(col[0] == header["legend"][0]["color"] for col in drawn["cells"])
-    scroll = ui.page.evaluate("""() => { const v = app.graph.nodes.find(n => n.type === 'ApplyFeatureCache').__featureCacheMap;
-                                 return {scroll: v.scroll.scrollHeight, client: v.scroll.clientHeight,
+    scroll = ui.page.evaluate("""() => {
+        const v = app.graph.nodes.find(n => n.type === 'ApplyFeatureCache').__featureCacheMap;
+        return {scroll: v.scroll.scrollHeight, client: v.scroll.clientHeight,
                                          width: v.canvas.width}; }""")
     assert scroll["scroll"] > scroll["client"], "a 1000-row map must scroll"
     ui.page.evaluate("""() => app.graph.nodes.find(n => n.type === 'ApplyFeatureCache').__featureCacheMap
                               .box.querySelector('.fc-zoom-zoom-in').click()""")
-    zoomed = ui.page.evaluate("app.graph.nodes.find(n => n.type === 'ApplyFeatureCache').__featureCacheMap.canvas.width")
+    zoomed = ui.page.evaluate("window.__fcNode('ApplyFeatureCache').__featureCacheMap.canvas.width")
     assert zoomed > scroll["width"]
     ui.show("ApplyFeatureCache")
     ui.screenshot("video_map_1000_blocks_zoomed.png")
@@ -290,11 +292,13 @@ def test_events_for_gone_nodes_mid_run_pages_and_runs_without_fills_never_throw(
     node_id = ui.page.evaluate("String(app.graph.nodes.find(n => n.type === 'ApplyFeatureCache').id)")
     header = ui.map_cells("ApplyFeatureCache")["header"]
     send = "m => window.comfyAPI.api.api.dispatchCustomEvent('feature_cache.progress', m)"
-    ui.page.evaluate(send, {"node": "9999", "run": "x", "start": 0, "columns": ["0"], "evaluations": [[0, 1, None, "computed"]]})
+    ui.page.evaluate(send, {"node": "9999", "run": "x", "start": 0, "columns": ["0"],
+                            "evaluations": [[0, 1, None, "computed"]]})
     ui.page.evaluate(send, {"node": "12:7:5", "run": "x", "start": 0, "columns": ["0"]})  # subgraph that is not there
     # A page opened mid-run: the first message it sees starts at evaluation 5, without the header.
     ui.page.evaluate(send, {"node": node_id, "run": "mid", "step": 7, "total": 10, "done": False, "start": 5,
-                            "columns": ["00", "00"], "evaluations": [[5, 0.5, None, "computed"], [6, 0.4, None, "computed"]],
+                            "columns": ["00", "00"],
+                            "evaluations": [[5, 0.5, None, "computed"], [6, 0.4, None, "computed"]],
                             "summary": {"compute_fraction": 1.0}})
     mid = ui.map_cells("ApplyFeatureCache")
     assert len(mid["cells"]) == 7 and mid["layout"]["rows"] == 2

@@ -16,10 +16,9 @@ API_WORKFLOWS = sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "api", "*.
 TINY = ("demo.json", "tiny_wan_video.json", "tiny_wan_ab.json")
 # Loader inputs that name model files, and the model folder each lists.
 MODEL_INPUTS = {("UNETLoader", "unet_name"): "diffusion_models", ("VAELoader", "vae_name"): "vae",
-                ("CLIPLoader", "clip_name"): "text_encoders", ("DualCLIPLoader", "clip_name1"): "text_encoders",
-                ("DualCLIPLoader", "clip_name2"): "text_encoders", ("TripleCLIPLoader", "clip_name1"): "text_encoders",
-                ("TripleCLIPLoader", "clip_name2"): "text_encoders", ("TripleCLIPLoader", "clip_name3"): "text_encoders",
-                ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints"}
+                ("CLIPLoader", "clip_name"): "text_encoders", ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+                **{("DualCLIPLoader", f"clip_name{i}"): "text_encoders" for i in (1, 2)},
+                **{("TripleCLIPLoader", f"clip_name{i}"): "text_encoders" for i in (1, 2, 3)}}
 
 
 def _load(path):
