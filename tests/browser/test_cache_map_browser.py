@@ -207,6 +207,10 @@ def test_every_shipped_workflow_loads_in_the_frontend_and_converts_like_the_test
                              "app.canvas.setDirty(true, true)")
             ui.page.wait_for_timeout(300)
             ui.screenshot("workflow_flux_loaded.png")
+    for path in sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "api", "*.json"))):
+        with open(path) as f:  # API-format files dropped on the page load too
+            ui.page.evaluate("([wf, name]) => app.loadApiJson(wf, name)", [json.load(f), os.path.basename(path)])
+        assert ui.page.evaluate("app.graph.nodes.some(n => n.type === 'ApplyFeatureCache')"), path
     assert not ui.errors, "\n".join(ui.errors)
 
 
