@@ -211,11 +211,13 @@ SHIPPED = {
     "wan21_t2v_first_block": "Wan 2.1 T2V 1.3B video, block span: first-block (DBCache) probe.",
     "wan21_t2i_teacache": "Wan 2.1 as an image model (one frame), block span: TeaCache + Taylor 1.",
     "wan22_ti2v_5b_teacache": "Wan 2.2 TI2V 5B video, block span: TeaCache + Taylor 2.",
-    "sd35_t2i_model_site": "SD3.5: whole-model site (works on any model): EasyCache + Taylor 1.",
-    "hunyuan_video_t2v_model_site": "HunyuanVideo: whole-model site: TeaCache + Taylor 2.",
-    "qwen_image_t2i_model_site": "Qwen-Image: whole-model site: TeaCache + Taylor 1.",
-    "lumina2_t2i_model_site": "Lumina 2: whole-model site: EasyCache + Taylor 1.",
-    "any_model_easycache_sdxl": "SDXL (UNet): whole-model site: EasyCache + Taylor 1.",
+    "sd35_t2i_first_block": "SD3.5, block span: first-block (DBCache) probe + Taylor 1.",
+    "hunyuan_video_t2v_first_block": "HunyuanVideo, block span: first-block (DBCache) probe + Taylor 2.",
+    "qwen_image_t2i_first_block": "Qwen-Image, block span: first-block (DBCache) probe + Taylor 1.",
+    "lumina2_t2i_first_block": "Lumina 2, block span: first-block (DBCache) probe + Taylor 1.",
+    "sdxl_deepcache": "SDXL U-Net, DeepCache: the span site keeps probe_blocks shallow blocks on each side and "
+                      "computes the deep branch every other step (fixed interval), reuse.",
+    "any_model_easycache_sdxl": "The whole-model site works on any model (here SDXL): EasyCache + Taylor 1.",
     "ab_flux_uncached_vs_cached": "A/B: the same seed uncached (left) and cached (right), stitched side by side, "
                                   "with the cache map. Change the cache settings and compare.",
     "demo": "The bundled tiny trained Wan (make demo): runs on CPU in a second. The fixture nodes come from "

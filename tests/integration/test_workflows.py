@@ -59,7 +59,7 @@ def test_every_ui_workflow_has_its_api_twin_and_a_family_each():
     names = {os.path.basename(p)[:-5] for p in UI_WORKFLOWS}
     assert names == {os.path.basename(p)[:-5] for p in API_WORKFLOWS} == set(SHIPPED)
     for family in ("flux", "wan21_t2v", "wan21_t2i", "wan22", "sd35", "hunyuan_video", "qwen_image", "lumina2",
-                   "sdxl", "ab_"):
+                   "sdxl_deepcache", "any_model", "ab_"):
         assert any(family in name for name in names), family
 
 
