@@ -2,7 +2,7 @@
 
 Loads the shipped UI workflows through the frontend, queues the tiny-model ones, and checks from the
 page that the maps show one cell per trace cell in the right colour, that hovering a cell shows its
-details, that the map survives a page reload, and that the console stays free of errors.
+details, that the maps survive a page reload, and that the console stays free of errors.
 Screenshots go to out/browser/. Needs Debian's `chromium` and the `playwright` package (never
 `playwright install`); without them the test is skipped, except under CI where it fails.
 """
@@ -260,7 +260,7 @@ def test_image_map_live_and_after_sampling_with_hover_details(ui, server):
     assert not ui.errors, "\n".join(ui.errors)
 
 
-def test_video_map_and_a_1000_block_map_scroll_and_zoom(ui, server):
+def test_video_map_a_1000_block_map_that_scrolls_and_zooms_and_both_survive_a_reload(ui, server):
     report, _ = _run_and_check_both_maps(ui, server, "tiny_wan_video.json", "video_map.png")
     assert len(set(e["step"] for e in report["trace"]["evaluations"])) == 20
 
@@ -289,6 +289,15 @@ def test_video_map_and_a_1000_block_map_scroll_and_zoom(ui, server):
     assert zoomed > scroll["width"]
     ui.show("ApplyFeatureCache")
     ui.screenshot("video_map_1000_blocks_zoomed.png")
+
+    # Both maps survive a page reload (kept in the nodes' properties with the workflow).
+    ui.page.reload()
+    ui.open()
+    _check_map(ui, "FeatureCacheMap", report)
+    restored = ui.map_cells("ApplyFeatureCache")
+    assert restored["header"]["rows"] == rows and len(restored["columns"]) == 50 and restored["columns"] == columns
+    ui.show("FeatureCacheMap")
+    ui.screenshot("after_reload.png")
     assert not ui.errors, "\n".join(ui.errors)
 
 
@@ -316,19 +325,6 @@ def test_events_for_gone_nodes_mid_run_pages_and_runs_without_fills_never_throw(
     assert len(done["cells"]) == 10 and all(col == [header["legend"][0]["color"]] for col in done["cells"])
     ui.page.evaluate(send, {"node": node_id, "run": "empty", "step": 0, "total": 0, "done": True, "full": True,
                             "start": 0, "header": header, "columns": [], "evaluations": []})
-    assert not ui.errors, "\n".join(ui.errors)
-
-
-def test_the_last_map_survives_a_page_reload(ui, server):
-    ui.load(_workflow("demo.json"))
-    ui.queue()
-    report = _latest_report(server)
-    ui.page.reload()
-    ui.open()
-    for node_type in ("ApplyFeatureCache", "FeatureCacheMap"):
-        _check_map(ui, node_type, report)
-    ui.show("FeatureCacheMap")
-    ui.screenshot("after_reload.png")
     assert not ui.errors, "\n".join(ui.errors)
 
 
