@@ -9,12 +9,12 @@ from .recommended import (DEFAULT_METHOD, RECOMMENDED_FORECASTER, RECOMMENDED_PR
                           make_policy)
 from .sites import SITE_KINDS, Site
 from .tokens import TOKEN_SELECTIONS, TokenConfig
-from .trace import COMPUTED, FORECAST, REUSED, Trace, render_map
+from .trace import COMPUTED, FORECAST, REUSED, Trace
 
 __all__ = [
     "BlockRunner", "BudgetController", "budget_for_speed", "CacheConfig", "CacheRun", "FORECASTER_KINDS",
     "MAX_TAYLOR_ORDER", "ORDERS", "Forecaster", "ForecasterConfig", "TaylorForecaster", "TokenGrid", "POLICIES",
     "DiCache", "EasyCache", "FirstBlock", "FixedInterval", "MagCache", "Policy", "TeaCache", "DEFAULT_METHOD",
     "RECOMMENDED_FORECASTER", "RECOMMENDED_PROBE_BLOCKS", "RECOMMENDED_SITE", "make_policy", "SITE_KINDS", "Site",
-    "TOKEN_SELECTIONS", "TokenConfig", "COMPUTED", "FORECAST", "REUSED", "Trace", "render_map",
+    "TOKEN_SELECTIONS", "TokenConfig", "COMPUTED", "FORECAST", "REUSED", "Trace",
 ]

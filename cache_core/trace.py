@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
-
 COMPUTED = "computed"
 REUSED = "reused"
 FORECAST = "forecast"
@@ -74,26 +72,3 @@ class Trace:
             ],
         }
 
-
-_COLORS = {
-    None: (40, 40, 40),
-    COMPUTED: (220, 70, 60),
-    REUSED: (70, 130, 220),
-    FORECAST: (80, 190, 110),
-    PARTIAL: (230, 180, 60),
-}
-
-
-def render_map(trace: Trace, cell: int = 8) -> np.ndarray:
-    """Step x layer grid as an RGB uint8 image: columns are evaluations, rows are blocks (top = first)."""
-    n_rows, n_cols = max(1, len(trace.rows)), max(1, len(trace.evaluations))
-    grid = np.zeros((n_rows, n_cols, 3), dtype=np.uint8)
-    grid[:] = _COLORS[None]
-    for c, ev in enumerate(trace.evaluations):
-        for r, action in enumerate(ev.actions):
-            grid[r, c] = _COLORS[action]
-    image = grid.repeat(cell, axis=0).repeat(cell, axis=1)
-    if cell >= 4:  # thin separators keep single cells readable
-        image[::cell, :, :] //= 2
-        image[:, ::cell, :] //= 2
-    return image

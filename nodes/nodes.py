@@ -13,10 +13,11 @@ import folder_paths
 
 from ..cache_core import (DEFAULT_METHOD, FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES,
                           RECOMMENDED_FORECASTER, RECOMMENDED_PROBE_BLOCKS, RECOMMENDED_SITE, SITE_KINDS,
-                          TOKEN_SELECTIONS, CacheConfig, ForecasterConfig, Site, TokenConfig, Trace, make_policy,
-                          render_map)
+                          TOKEN_SELECTIONS, CacheConfig, ForecasterConfig, Site, TokenConfig, make_policy)
 from .adapters import HostDrift
+from .figure import render_figure
 from .integration import SETUP_KEY, CacheHandle, install
+from .progress import compact
 
 CachePolicy = io.Custom("CACHE_POLICY")
 CacheForecaster = io.Custom("CACHE_FORECASTER")
@@ -235,11 +236,13 @@ class CacheMapNode(io.ComfyNode):
             node_id="FeatureCacheMap",
             display_name="Cache Map",
             category=CATEGORY,
-            description="The last run's step x layer map (red computed, blue reused, green forecast) and its report.",
+            description="The last run's step x block map (computed, reused, forecast, partial, verified-rejected) as a "
+                        "figure with axes and legend, and the run's report (also saved as PNG + JSON).",
             inputs=[
                 io.Model.Input("model", tooltip="The output of Apply Feature Cache."),
                 io.Latent.Input("samples", tooltip="The sampler's output: makes this node run after sampling."),
-                io.Int.Input("cell_size", default=8, min=1, max=64, tooltip="Pixels per map cell."),
+                io.Int.Input("cell_size", default=8, min=1, max=64,
+                             tooltip="Pixels per map cell in the saved figure (rows get thinner on very deep models)."),
                 io.String.Input("filename_prefix", default="feature_cache/map",
                                 tooltip="The map PNG and report JSON are saved under ComfyUI's output folder."),
             ],
@@ -256,7 +259,7 @@ class CacheMapNode(io.ComfyNode):
         if report is None:
             raise ValueError("Cache Map: no sampling run has used this cache yet; connect the sampler that uses the "
                              "cached model to 'samples'.")
-        pixels = render_map(Trace.from_dict(report["trace"]), cell_size)
+        pixels = render_figure(report, cell_size)
         image = torch.from_numpy(pixels.astype(np.float32) / 255.0).unsqueeze(0)
         text = json.dumps(report, indent=1)
         summary = {k: v for k, v in report.items() if k != "trace"}
@@ -266,7 +269,9 @@ class CacheMapNode(io.ComfyNode):
         Image.fromarray(pixels).save(stem + ".png")
         with open(stem + ".json", "w") as f:
             f.write(text)
-        return io.NodeOutput(image, text, ui={"text": (json.dumps(summary, indent=1),), "feature_cache_report": (report,)})
+        ui = {"text": (json.dumps(summary, indent=1),), "feature_cache_report": (report,),
+              "feature_cache_map": (compact(report),)}  # the widget's state, also after a page reload
+        return io.NodeOutput(image, text, ui=ui)
 
 
 NODES = [CachePolicyNode, CacheForecasterNode, CacheTokenRatioNode, ApplyFeatureCacheNode, CacheMapNode]
