@@ -4,12 +4,12 @@ from .engine import CacheConfig, CacheRun
 from .forecasters import FORECASTER_KINDS, MAX_TAYLOR_ORDER, ForecasterConfig, TaylorForecaster
 from .policies import POLICIES, EasyCache, FirstBlock, FixedInterval, Policy, TeaCache, make_policy
 from .sites import SITE_KINDS, Site
-from .tokens import TOKEN_SELECTIONS, TokenConfig
-from .trace import COMPUTED, FORECAST, REUSED, Trace, render_map
+from .tokens import TOKEN_SELECTIONS, TokenConfig, TokenLayout
+from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace, render_map
 
 __all__ = [
     "BlockRunner", "CacheConfig", "CacheRun", "FORECASTER_KINDS", "MAX_TAYLOR_ORDER", "ForecasterConfig",
     "TaylorForecaster", "POLICIES", "EasyCache", "FirstBlock", "FixedInterval", "Policy", "TeaCache", "make_policy",
-    "SITE_KINDS", "Site", "TOKEN_SELECTIONS", "TokenConfig", "COMPUTED", "FORECAST", "REUSED", "Trace",
+    "SITE_KINDS", "Site", "TOKEN_SELECTIONS", "TokenConfig", "TokenLayout", "COMPUTED", "FORECAST", "PARTIAL", "REUSED", "Trace",
     "render_map",
 ]

@@ -15,8 +15,8 @@ import torch
 from .forecasters import ForecasterConfig, TaylorForecaster
 from .policies import NO_INDICATOR, PROBE_RESIDUAL, FixedInterval, Policy
 from .sites import Site
-from .tokens import TokenConfig
-from .trace import COMPUTED, FORECAST, REUSED, Trace
+from .tokens import TokenConfig, TokenState
+from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace
 
 log = logging.getLogger("FeatureCache")
 
@@ -38,7 +38,8 @@ class CacheConfig:
         if self.memory_budget_mb < 0:
             raise ValueError("memory_budget_mb must be >= 0 (0 means unlimited)")
         if self.tokens is not None and not self.site.uses_blocks:
-            raise ValueError("token-level recompute needs a block site ('span' or 'blocks'), not 'model'")
+            raise ValueError("token-level recompute (the tokens input) needs a block site: choose site 'span' or "
+                             "'blocks', not 'model', or disconnect the tokens input")
 
     def describe(self) -> dict:
         return {
@@ -48,6 +49,7 @@ class CacheConfig:
             "site": self.site.kind,
             "probe_blocks": self.site.probe_blocks,
             "corrector_blocks": self.site.corrector_blocks,
+            "tokens": None if self.tokens is None else self.tokens.label,
         }
 
 
@@ -79,6 +81,7 @@ class CacheRun:
         self.indicator = None
         self.consecutive_fills = 0
         self.uuids: list = []
+        self.tokens = TokenState(self.config.tokens) if self.config.tokens is not None else None
 
     # -- calls and evaluations -------------------------------------------------------------
     def begin_call(self, uuids: list, sigma: float, sample: torch.Tensor) -> None:
@@ -129,6 +132,24 @@ class CacheRun:
             return True
         return self.decision or not self._has_caches(keys, self.uuids)
 
+    def token_selection(self, compute: bool, features: torch.Tensor) -> Optional[torch.Tensor]:
+        """Token indices this call's cached segments recompute on a partial evaluation (None: compute or fill
+        whole). `features` [B, N, C]: the image tokens at the first cached block."""
+        if self.tokens is None:
+            return None
+        ev = self.trace.evaluations[-1]
+        partial = not compute and self.tokens.partial_step(self.consecutive_fills)
+        if partial and self.ref_uuid in self.uuids:
+            ev.decision = PARTIAL
+        reference = self.uuids.index(self.ref_uuid) if self.ref_uuid in self.uuids else -1
+        index = self.tokens.select(features, self.uuids, ev.index, compute, partial, reference)
+        self.account_tokens()
+        return index
+
+    def account_tokens(self) -> None:
+        """Token memory (per-token inputs, fill corrections) counts towards the peak cache bytes."""
+        self.peak_bytes = max(self.peak_bytes, self.cache_bytes + self.tokens.nbytes)
+
     def computed(self, output_ref: torch.Tensor) -> None:
         """Feed the policy the reference chunk's output of a computed evaluation."""
         if self.ref_uuid in self.uuids and self.decision:
@@ -138,8 +159,8 @@ class CacheRun:
     def fill_action(self) -> str:
         return REUSED if self.config.forecaster.order == 0 else FORECAST
 
-    def mark(self, row: int, action: str) -> None:
-        self.trace.mark(row, action)
+    def mark(self, row: int, action: str, fraction: Optional[float] = None) -> None:
+        self.trace.mark(row, action, fraction)
 
     # -- caches --------------------------------------------------------------------------
     def _has_caches(self, keys, uuids) -> bool:
@@ -191,6 +212,7 @@ class CacheRun:
             "evaluations": len(decisions),
             "evaluations_computed": sum(d == COMPUTED for d in decisions),
             "evaluations_filled": sum(d != COMPUTED for d in decisions),
+            "evaluations_partial": sum(d == PARTIAL for d in decisions),
             "cells": self.trace.counts(),
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),

@@ -1,4 +1,4 @@
-"""One description per architecture: its block kinds, their hidden streams, and its TeaCache indicator.
+"""One description per architecture: its block kinds, their hidden streams and tokens, and its TeaCache indicator.
 
 Everything else (hooks, the engine) is shared. A family is supported at block sites when its
 forward offers `patches_replace["dit"]` for every block; the whole-model site works on any model.
@@ -10,12 +10,15 @@ from typing import Callable, Optional
 
 import torch
 
+from ..cache_core import TokenLayout
+
 
 @dataclass(frozen=True)
 class BlockKind:
     name: str  # key used by the model in patches_replace["dit"][(name, i)]
     attribute: str  # the ModuleList on the diffusion model
     streams: tuple  # hidden-state entries of the replace args / returned dict
+    tokens: Optional[TokenLayout] = None  # where the image/video tokens are (token-level recompute)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,14 @@ class Adapter:
 
     def streams(self) -> dict:
         return {k.name: k.streams for k in self.kinds}
+
+    def token_layouts(self) -> dict:
+        missing = [k.name for k in self.kinds if k.tokens is None]
+        if missing:
+            raise UnsupportedModel(
+                f"token-level recompute cannot gather the tokens of this model's {', '.join(missing)} blocks "
+                f"({self.family}) yet: disconnect the tokens input")
+        return {k.name: k.tokens for k in self.kinds}
 
     def block(self, diffusion_model, kind: str, index: int):
         attribute = next(k.attribute for k in self.kinds if k.name == kind)
@@ -55,18 +66,23 @@ def _wan_modulated_input(block, args) -> torch.Tensor:
     return block.norm1(args["img"]) * (1 + scale) + shift
 
 
+_FLUX_ROWS = (("pe", 2), ("attn_mask", (-2, -1)))
+
 ADAPTERS = (
     Adapter(
         family="Flux",
         model_class="comfy.ldm.flux.model.Flux",
-        kinds=(BlockKind("double_block", "double_blocks", ("img", "txt")),
-               BlockKind("single_block", "single_blocks", ("img",))),
+        # pe: the rotary table [B, 1, txt + img, ...] of cat(txt, img); single blocks see cat(txt, img)
+        kinds=(BlockKind("double_block", "double_blocks", ("img", "txt"), TokenLayout("img", text="txt", rows=_FLUX_ROWS)),
+               BlockKind("single_block", "single_blocks", ("img",),
+                         TokenLayout("img", text="txt", text_in_stream=True, rows=_FLUX_ROWS))),
         modulated_input=_flux_modulated_input,
     ),
     Adapter(
         family="Wan 2.1 / 2.2",
         model_class="comfy.ldm.wan.model.WanModel",
-        kinds=(BlockKind("double_block", "blocks", ("img",)),),
+        # pe: freqs [1, img, 1, ...]; vec: modulation [B, 1 | frames | img, 6, dim] (per-frame rows cover a frame)
+        kinds=(BlockKind("double_block", "blocks", ("img",), TokenLayout("img", rows=(("pe", 1), ("vec", 1)))),),
         modulated_input=_wan_modulated_input,
     ),
 )

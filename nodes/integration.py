@@ -57,10 +57,8 @@ def install(model, config: CacheConfig, handle: CacheHandle):
         adapter = adapter_for(model.model.diffusion_model)
         layout = tuple(adapter.layout(model.model.diffusion_model))
         config.site.validate(list(layout))
-    if config.tokens is not None:
-        raise NotImplementedError(
-            "token-level partial recompute (Cache Token Ratio) is not available in this version yet; "
-            "disconnect the tokens input")
+        if config.tokens is not None:
+            adapter.token_layouts()  # raises, naming the block kinds, when the adapter cannot gather tokens
     model = model.clone()
     model.model_options["transformer_options"][SETUP_KEY] = CacheSetup(config, adapter, layout, handle)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
@@ -112,7 +110,8 @@ class _RunContext:
         if setup.adapter is not None:
             adapter = setup.adapter
             self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
-                                      self._modulated_input if adapter.modulated_input else None)
+                                      self._modulated_input if adapter.modulated_input else None,
+                                      adapter.token_layouts() if setup.config.tokens is not None else None)
 
     def _modulated_input(self, kind, index, args):
         block = self.setup.adapter.block(self.diffusion_model, kind, index)

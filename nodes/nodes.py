@@ -102,20 +102,33 @@ class CacheTokenRatioNode(io.ComfyNode):
             node_id="FeatureCacheTokenRatio",
             display_name="Cache Token Ratio",
             category=CATEGORY,
-            description="Token-level partial recompute on cached steps (ToCa / ClusCa). Not applied by this version yet.",
+            description="Token-level partial recompute (ToCa / DuCa / ClusCa): on evaluations the policy fills, a "
+                        "fraction of the image tokens is recomputed through the cached blocks, the rest is filled. "
+                        "Needs the 'span' or 'blocks' site.",
             inputs=[
                 io.Combo.Input("selection", options=list(TOKEN_SELECTIONS), default="score",
-                               tooltip="score: most-changed tokens (ToCa); cluster: one token per cluster (ClusCa); random."),
+                               tooltip="score (ToCa): tokens whose input changed most since their last compute, and "
+                                       "the longest cached; cluster (ClusCa): spread over k-means clusters of the "
+                                       "tokens, the update shared within each cluster; random: a baseline."),
                 io.Float.Input("ratio", default=0.25, min=0.01, max=1.0, step=0.01,
-                               tooltip="Fraction of tokens recomputed on cached steps."),
-                io.Int.Input("clusters", default=16, min=1, max=256, tooltip="Cluster count for 'cluster' selection."),
+                               tooltip="Fraction of the image tokens recomputed on a partial evaluation."),
+                io.Int.Input("clusters", default=16, min=1, max=256,
+                             tooltip="'cluster' selection: the number of k-means clusters; at most the number of "
+                                     "tokens recomputed (ratio x image tokens)."),
+                io.Float.Input("gamma", default=0.01, min=0.0, max=1.0, step=0.001,
+                               tooltip="'cluster' selection: how far the other tokens of a cluster move towards its "
+                                       "recomputed tokens (ClusCa uses 0.005-0.01; 0 = plain fill)."),
+                io.Boolean.Input("alternate", default=False,
+                                 tooltip="DuCa: filled evaluations alternate between a partial recompute and a plain "
+                                         "fill (faster), starting with a partial one."),
             ],
             outputs=[CacheTokens.Output(display_name="tokens")],
         )
 
     @classmethod
-    def execute(cls, selection, ratio, clusters):
-        return io.NodeOutput(_build(TokenConfig, selection=selection, ratio=ratio, clusters=clusters))
+    def execute(cls, selection, ratio, clusters, gamma, alternate):
+        return io.NodeOutput(_build(TokenConfig, selection=selection, ratio=ratio, clusters=clusters, gamma=gamma,
+                                    alternate=alternate))
 
 
 class ApplyFeatureCacheNode(io.ComfyNode):
@@ -143,7 +156,8 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                                tooltip="Stop caching for the run if caches exceed this size (0: no limit)."),
                 CachePolicy.Input("policy", optional=True, tooltip="Default: TeaCache at speed 0.5."),
                 CacheForecaster.Input("forecaster", optional=True, tooltip="Default: reuse."),
-                CacheTokens.Input("tokens", optional=True, tooltip="Token-level partial recompute (not available yet)."),
+                CacheTokens.Input("tokens", optional=True,
+                                  tooltip="Token-level partial recompute on filled evaluations (span or blocks site)."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -157,7 +171,7 @@ class ApplyFeatureCacheNode(io.ComfyNode):
         config = _build(CacheConfig, policy=policy or TeaCache(), forecaster=forecaster or ForecasterConfig(),
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
                         memory_budget_mb=memory_budget_mb)
-        return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
+        return io.NodeOutput(_build(install, model=model, config=config, handle=CacheHandle(cls.hidden.unique_id)))
 
 
 class CacheMapNode(io.ComfyNode):
@@ -167,7 +181,8 @@ class CacheMapNode(io.ComfyNode):
             node_id="FeatureCacheMap",
             display_name="Cache Map",
             category=CATEGORY,
-            description="The last run's step x layer map (red computed, blue reused, green forecast) and its report.",
+            description="The last run's step x layer map (red computed, blue reused, green forecast, yellow partial) "
+                        "and its report.",
             inputs=[
                 io.Model.Input("model", tooltip="The output of Apply Feature Cache."),
                 io.Latent.Input("samples", tooltip="The sampler's output: makes this node run after sampling."),
