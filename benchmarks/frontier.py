@@ -60,7 +60,12 @@ DEFAULT_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@bl
                    "easycache+reuse@model", *COMFY_NODES)
 SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks")
 SPEEDUP_LEVELS = (2.0, 3.0, 5.0)
-OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)@(?P<site>\w+)$")
+OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)@(?P<site>\w+)"
+                      r"(?:\+(?P<tokens>toca|clusca|random|duca)(?P<ratio>[0-9.]+))?$")
+# token-level recompute suffixes (e.g. fixed+reuse@span+toca0.25): Cache Token Ratio inputs
+TOKEN_METHODS = {"toca": dict(selection="score"), "clusca": dict(selection="cluster"),
+                 "random": dict(selection="random"), "duca": dict(selection="random", alternate=True)}
+TOKEN_DEFAULTS = dict(selection="score", ratio=0.25, clusters=16, gamma=0.01, alternate=False)
 SKIPPED_LINE = re.compile(r"(?:EasyCache|LazyCache) - skipped (\d+)/(\d+) steps")
 
 
@@ -128,6 +133,7 @@ def our_method(host, name: str, speeds) -> Method:
     policy, forecaster, site = match["policy"], match["forecaster"], match["site"]
     forecaster_inputs = (dict(method="reuse", order=0) if forecaster == "reuse"
                          else dict(method="taylor", order=int(forecaster[len("taylor"):])))
+    tokens = match["tokens"] and {**TOKEN_DEFAULTS, **TOKEN_METHODS[match["tokens"]], "ratio": float(match["ratio"])}
 
     def rewrite(graph, setting):
         graph = copy.deepcopy(graph)
@@ -135,6 +141,9 @@ def our_method(host, name: str, speeds) -> Method:
         graph[apply_id]["inputs"]["site"] = site
         _linked_node(graph, apply_id, "policy", "FeatureCachePolicy").update(method=policy, threshold=-1.0, **setting)
         _linked_node(graph, apply_id, "forecaster", "FeatureCacheForecaster").update(forecaster_inputs)
+        if tokens:
+            graph["frontier_tokens"] = {"class_type": "FeatureCacheTokenRatio", "inputs": dict(tokens)}
+            graph[apply_id]["inputs"]["tokens"] = ["frontier_tokens", 0]
         _ensure_cache_map(host, graph, apply_id)
         return graph
 
@@ -234,7 +243,8 @@ def build_methods(host, names, quick: bool) -> list[Method]:
             raise ValueError(
                 f"unknown method '{name}'. Available: {', '.join(DEFAULT_METHODS)}; or any POLICY+FORECASTER@SITE with "
                 f"POLICY in {_options(host, 'FeatureCachePolicy', 'method')}, FORECASTER reuse or taylor0..taylor4, "
-                f"SITE in {_options(host, 'ApplyFeatureCache', 'site')}; other packs' nodes: --pack/--node") from None
+                f"SITE in {_options(host, 'ApplyFeatureCache', 'site')}, optionally +TOKENSratio with TOKENS in "
+                f"{', '.join(TOKEN_METHODS)} (e.g. fixed+reuse@span+toca0.25); other packs' nodes: --pack/--node") from None
     return methods
 
 
