@@ -65,7 +65,7 @@ OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)@(?P<sit
 # token-level recompute suffixes (e.g. fixed+reuse@span+toca0.25): Cache Token Ratio inputs
 TOKEN_METHODS = {"toca": dict(selection="score"), "clusca": dict(selection="cluster"),
                  "random": dict(selection="random"), "duca": dict(selection="random", alternate=True)}
-TOKEN_DEFAULTS = dict(selection="score", ratio=0.25, clusters=16, gamma=0.01, alternate=False)
+TOKEN_DEFAULTS = dict(selection="score", ratio=0.25, clusters=4, gamma=1.0, alternate=False)  # 4: tiny images
 SKIPPED_LINE = re.compile(r"(?:EasyCache|LazyCache) - skipped (\d+)/(\d+) steps")
 
 

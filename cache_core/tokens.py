@@ -14,8 +14,10 @@ text), not to the cached keys of the other tokens.
 Which rows to recompute (`selection`):
 - score (ToCa): relative change of the token's input since it was last computed, plus its cache age;
 - cluster (ClusCa): k-means of the tokens at the last computed evaluation, the recomputed rows spread
-  over every cluster; the other tokens of a cluster move towards the cluster's fresh mean residual
-  with weight `gamma`;
+  over every cluster; the other tokens of a cluster take `gamma` times the mean update (fresh - filled
+  residual) of its recomputed tokens. (ClusCa's own rule blends the value instead, gamma * cluster
+  value + (1 - gamma) * cached with gamma 0.005-0.01; on the trained tiny Wan that was no better than
+  no propagation, while propagating the update gained 2-3 dB: see the README's benchmark notes.)
 - random: a baseline, seeded per evaluation so runs repeat exactly;
 `alternate` (DuCa): filled evaluations alternate between partial (conservative) and plain fills
 (aggressive), starting with a partial one after each compute.
@@ -42,7 +44,7 @@ class TokenConfig:
     selection: str = SCORE
     ratio: float = 0.25
     clusters: int = 16
-    gamma: float = 0.01
+    gamma: float = 1.0
     alternate: bool = False
     seed: int = 0
 
@@ -247,24 +249,24 @@ class TokenState:
                fresh: torch.Tensor) -> Optional[torch.Tensor]:
         """Record the recomputed rows' fresh residual (fresh [B, n, C]) as a correction of later fills of the
         token rows (fill [B, N, C]: their filled residual now). With the cluster selection and gamma > 0, the
-        other tokens of each cluster move gamma of the way to the cluster's recomputed mean residual: returns
-        that change of the filled rows (zero at the recomputed rows), else None."""
-        change = torch.zeros_like(fill)
-        moved = self.config.selection == CLUSTER and self.config.gamma > 0
-        if moved:
+        other tokens of each cluster take gamma times the mean update (fresh - fill) of the cluster's
+        recomputed tokens: returns that change of the filled rows (zero at the recomputed rows), else None."""
+        update = fresh - fill[:, index]
+        change = None
+        if self.config.selection == CLUSTER and self.config.gamma > 0:
             k = int(self.labels.max()) + 1
             chosen = self.labels[index]
             sums = torch.zeros(fill.shape[0], k, fill.shape[2], dtype=fill.dtype, device=fill.device)
-            sums.index_add_(1, chosen, fresh)
+            sums.index_add_(1, chosen, update)
             means = sums / torch.bincount(chosen, minlength=k).clamp_min(1).to(fill.dtype).view(1, k, 1)
-            change = self.config.gamma * (means[:, self.labels] - fill)
+            change = self.config.gamma * means[:, self.labels]
             change[:, index] = 0
-        correction = change.clone()
-        correction[:, index] = fresh - fill[:, index]
+        correction = torch.zeros_like(fill) if change is None else change.clone()
+        correction[:, index] = update
         for uuid, part in zip(uuids, correction.chunk(len(uuids))):
             previous = self.corrections.get((key, uuid))
             self.corrections[(key, uuid)] = part if previous is None else previous.to(part.device) + part
-        return change if moved else None
+        return change
 
     @property
     def nbytes(self) -> int:

@@ -109,15 +109,16 @@ class CacheTokenRatioNode(io.ComfyNode):
                 io.Combo.Input("selection", options=list(TOKEN_SELECTIONS), default="score",
                                tooltip="score (ToCa): tokens whose input changed most since their last compute, and "
                                        "the longest cached; cluster (ClusCa): spread over k-means clusters of the "
-                                       "tokens, the update shared within each cluster; random: a baseline."),
+                                       "tokens, their update shared within each cluster (see gamma); random: a "
+                                       "baseline."),
                 io.Float.Input("ratio", default=0.25, min=0.01, max=1.0, step=0.01,
                                tooltip="Fraction of the image tokens recomputed on a partial evaluation."),
                 io.Int.Input("clusters", default=16, min=1, max=256,
                              tooltip="'cluster' selection: the number of k-means clusters; at most the number of "
                                      "tokens recomputed (ratio x image tokens)."),
-                io.Float.Input("gamma", default=0.01, min=0.0, max=1.0, step=0.001,
-                               tooltip="'cluster' selection: how far the other tokens of a cluster move towards its "
-                                       "recomputed tokens (ClusCa uses 0.005-0.01; 0 = plain fill)."),
+                io.Float.Input("gamma", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="'cluster' selection: the other tokens of a cluster take gamma times the mean "
+                                       "update of its recomputed tokens (0 = plain fill for them)."),
                 io.Boolean.Input("alternate", default=False,
                                  tooltip="DuCa: filled evaluations alternate between a partial recompute and a plain "
                                          "fill (faster), starting with a partial one."),

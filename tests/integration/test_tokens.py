@@ -20,7 +20,7 @@ def token_graph(graph, site="span", **tokens):
     graph = with_cache(graph, policy={"method": "fixed", "threshold": float(INTERVAL), "warmup_steps": 0},
                        apply={"site": site, "probe_blocks": 1})
     graph["cache_tokens"] = {"class_type": "FeatureCacheTokenRatio", "inputs": {
-        "selection": "score", "ratio": 0.25, "clusters": 16, "gamma": 0.01, "alternate": False, **tokens}}
+        "selection": "score", "ratio": 0.25, "clusters": 16, "gamma": 1.0, "alternate": False, **tokens}}
     graph["cache_apply"]["inputs"]["tokens"] = ["cache_tokens", 0]
     return graph
 

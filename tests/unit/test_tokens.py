@@ -106,11 +106,12 @@ def test_gamma_zero_changes_no_filled_row():
     state.labels = torch.tensor([0, 0, 1, 1])
     fill, index = torch.randn(1, 4, 3), torch.tensor([0, 2])
     assert state.update("k", ["c"], fill, index, torch.randn(1, 2, 3)) is None
-    state = TokenState(TokenConfig(selection="cluster", clusters=2, gamma=1.0))
+    state = TokenState(TokenConfig(selection="cluster", clusters=2, gamma=0.5))
     state.labels = torch.tensor([0, 0, 1, 1])
     fresh = torch.randn(1, 2, 3)
     change = state.update("k", ["c"], fill, index, fresh)
-    assert torch.allclose(fill[:, 1] + change[:, 1], fresh[:, 0])  # gamma 1: the cluster's recomputed value
+    assert torch.allclose(change[:, 1], 0.5 * (fresh[:, 0] - fill[:, 0]))  # half its cluster's update
+    assert torch.allclose(change[:, 3], 0.5 * (fresh[:, 1] - fill[:, 2]))
     assert torch.equal(change[:, index], torch.zeros(1, 2, 3))
 
 
