@@ -58,7 +58,8 @@ QUICK_COMFY_THRESHOLDS = (0.2,)
 DEFAULT_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@blocks", "teacache+reuse@span",
                    "teacache+taylor1@span", "teacache+taylor2@span", "first_block+reuse@span",
                    "easycache+reuse@model", *COMFY_NODES)
-SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks")
+SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks",
+                 "fixed+reuse@span+toca0.25", "fixed+reuse@span+clusca0.25")
 SPEEDUP_LEVELS = (2.0, 3.0, 5.0)
 OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)@(?P<site>\w+)"
                       r"(?:\+(?P<tokens>toca|clusca|random|duca)(?P<ratio>[0-9.]+))?$")
@@ -254,6 +255,7 @@ class SamplerClock:
 
     def __init__(self):
         self.stamps: list[tuple[str | None, float]] = []
+        self.step_seconds: list[float] = []  # durations of steps 1.. of the last taken run's samplers
 
     def __enter__(self):
         import comfy.utils
@@ -282,6 +284,7 @@ class SamplerClock:
         for node, stamp in self.stamps:
             by_node.setdefault(node, []).append(stamp)
         self.stamps = []
+        self.step_seconds = [b - a for s in by_node.values() for a, b in zip(s, s[1:])]
         return (sum(s[-1] - s[0] for s in by_node.values()), sum(len(s) - 1 for s in by_node.values()), len(by_node))
 
 
@@ -312,6 +315,7 @@ class Run:
     timing: tuple  # SamplerClock.take()
     report: dict | None
     log: list
+    step_seconds: list  # SamplerClock.step_seconds: steps 1.. (step 0 ends before the first stamp)
 
 
 def _saved_images(outputs: dict) -> torch.Tensor:
@@ -337,13 +341,28 @@ def run_graph(host, graph: dict, clock: SamplerClock, log_lines: list) -> Run:
     latent = host.captured(capture["inputs"]["key"]) if capture else None
     images = frames(latent) if latent is not None else _saved_images(outputs)
     report = next((ui["feature_cache_report"][0] for ui in outputs.values() if "feature_cache_report" in ui), None)
-    return Run(images, latent, timing, report, log_lines[start:])
+    return Run(images, latent, timing, report, log_lines[start:], clock.step_seconds)
 
 
 def _sampler_seconds(timings: list, uncached: list) -> float:
     """Median sampler time; the first step of each sampler (before the first stamp) at the uncached rate."""
     per_step = sum(t[0] for t in uncached) / max(1, sum(t[1] for t in uncached))
     return statistics.median(t[0] + t[2] * per_step for t in timings)
+
+
+def partial_step_cost(runs: list) -> float | None:
+    """Median wall-clock of the partial (token-level) steps / of the computed steps of runs with one model
+    evaluation per step (step k lasts from the (k-1)-th to the k-th progress stamp)."""
+    by_decision: dict = {}
+    for run in runs:
+        decisions = [e["decision"] for e in run.report["trace"]["evaluations"]] if run.report else []
+        if len(decisions) != len(run.step_seconds) + 1:
+            continue
+        for decision, seconds in zip(decisions[1:], run.step_seconds):
+            by_decision.setdefault(decision, []).append(seconds)
+    if not by_decision.get("partial") or not by_decision.get("computed"):
+        return None
+    return statistics.median(by_decision["partial"]) / statistics.median(by_decision["computed"])
 
 
 def _fraction_from_log(lines: list) -> float:
@@ -359,15 +378,16 @@ def measure(host, case, method: Method, setting: dict, references: list, clock: 
     record = dict(model=case.model, case=case.name, method=method.name, setting=setting, status="ok", error=None,
                   samples=len(case.graphs), compute_fraction=None, ideal_speedup=None, wallclock_speedup=None,
                   efficiency=None, psnr=None, ssim=None, latent_psnr=None, cache_bytes=None,
-                  sampler_seconds=None, sampler_seconds_uncached=None)
+                  sampler_seconds=None, sampler_seconds_uncached=None, partial_step_cost=None)
     try:
-        fractions, fidelity, cache_bytes, cached_t, uncached_t = [], [], [], [], []
+        fractions, fidelity, cache_bytes, cached_t, uncached_t, cached_runs = [], [], [], [], [], []
         for k in range(max(len(case.graphs), case.repeats)):
             graph = case.graphs[k % len(case.graphs)]
             if k < case.repeats:
                 uncached_t.append(run_graph(host, graphs.without_cache(graph), clock, log_lines).timing)
             run = run_graph(host, method.rewrite(graph, setting), clock, log_lines)
             cached_t.append(run.timing)
+            cached_runs.append(run)
             if k >= len(case.graphs):
                 continue
             ref = references[k]
@@ -392,7 +412,8 @@ def measure(host, case, method: Method, setting: dict, references: list, clock: 
                       efficiency=wallclock / ideal, sampler_seconds=c_seconds, sampler_seconds_uncached=u_seconds,
                       psnr=statistics.mean(f[0] for f in fidelity), ssim=statistics.mean(f[1] for f in fidelity),
                       latent_psnr=None if fidelity[0][2] is None else statistics.mean(f[2] for f in fidelity),
-                      cache_bytes=max(cache_bytes) if cache_bytes else None)
+                      cache_bytes=max(cache_bytes) if cache_bytes else None,
+                      partial_step_cost=partial_step_cost(cached_runs))
     except Exception as error:  # a failing method or node is a result, not the end of the benchmark
         record.update(status="failed", error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:500]}")
     return record
@@ -516,9 +537,12 @@ def write_markdown(path: str, records: list, speed_records: list, context: dict)
               "## Best PSNR at or above an ideal speedup", "", frontier_table(records)]
     if speed_records:
         lines += ["## Speed: real-dims slice (efficiency = wall-clock / ideal speedup)", "",
-                  "| method | setting | ideal × | wall-clock × | efficiency |", "|---|---|---:|---:|---:|"]
+                  "Partial step cost: median wall-clock of a token-level partial step / of a computed step.", "",
+                  "| method | setting | ideal × | wall-clock × | efficiency | partial step cost |",
+                  "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {r['method']} | {_setting(r['setting'])} | {_fmt(r['ideal_speedup'])} | "
-                  f"{_fmt(r['wallclock_speedup'])} | {_fmt(r['efficiency'])} |" for r in speed_records]
+                  f"{_fmt(r['wallclock_speedup'])} | {_fmt(r['efficiency'])} | {_fmt(r.get('partial_step_cost'))} |"
+                  for r in speed_records]
         lines.append("")
     lines += ["## All records", "", records_table(records + speed_records), ""]
     with open(path, "w") as f:
