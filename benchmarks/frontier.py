@@ -245,7 +245,8 @@ def build_methods(host, names, quick: bool) -> list[Method]:
                 f"unknown method '{name}'. Available: {', '.join(DEFAULT_METHODS)}; or any POLICY+FORECASTER@SITE with "
                 f"POLICY in {_options(host, 'FeatureCachePolicy', 'method')}, FORECASTER reuse or taylor0..taylor4, "
                 f"SITE in {_options(host, 'ApplyFeatureCache', 'site')}, optionally +TOKENSratio with TOKENS in "
-                f"{', '.join(TOKEN_METHODS)} (e.g. fixed+reuse@span+toca0.25); other packs' nodes: --pack/--node") from None
+                f"{', '.join(TOKEN_METHODS)} (e.g. fixed+reuse@span+toca0.25); other packs' nodes: --pack/--node"
+            ) from None
     return methods
 
 

@@ -10,6 +10,6 @@ from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace, render_map
 __all__ = [
     "BlockRunner", "CacheConfig", "CacheRun", "FORECASTER_KINDS", "MAX_TAYLOR_ORDER", "ForecasterConfig",
     "TaylorForecaster", "POLICIES", "EasyCache", "FirstBlock", "FixedInterval", "Policy", "TeaCache", "make_policy",
-    "SITE_KINDS", "Site", "TOKEN_SELECTIONS", "TokenConfig", "TokenLayout", "COMPUTED", "FORECAST", "PARTIAL", "REUSED", "Trace",
-    "render_map",
+    "SITE_KINDS", "Site", "TOKEN_SELECTIONS", "TokenConfig", "TokenLayout", "COMPUTED", "FORECAST", "PARTIAL",
+    "REUSED", "Trace", "render_map",
 ]

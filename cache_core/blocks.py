@@ -134,7 +134,8 @@ class BlockRunner:
         if layout.text in args:
             self.call.text_lengths[layout.text] = args[layout.text].shape[1]
         if layout.text not in self.call.text_lengths:
-            raise ValueError(f"token-level recompute: the text length ('{layout.text}') of the {kind} blocks is unknown")
+            raise ValueError(
+                f"token-level recompute: the text length ('{layout.text}') of the {kind} blocks is unknown")
         return self.call.text_lengths[layout.text]
 
     def _tokens(self, kind: str, args: dict) -> torch.Tensor:

@@ -3,10 +3,11 @@
 A partial evaluation fills every cached segment as usual (reuse or forecast), runs the segment's
 blocks one after the other on a subset of the image/video tokens (text tokens and everything else a
 block reads stay whole), and takes the rows that ran (the subset and the text) from that run; the
-other tokens keep their fill. At ratio 1 this is exactly a full compute. The recomputed rows are remembered as a per-token correction of the fill
-(fresh residual - forecast at that time), so later fills of those tokens start from the fresher
-value: with reuse the correction is exactly the fresh residual, with a forecaster the forecast's
-trend is kept on top of it. A full compute drops the corrections.
+other tokens keep their fill. At ratio 1 this is exactly a full compute. The recomputed rows are
+remembered as a per-token correction of the fill (fresh residual - forecast at that time), so later
+fills of those tokens start from the fresher value: with reuse the correction is exactly the fresh
+residual, with a forecaster the forecast's trend is kept on top of it. A full compute drops the
+corrections (they cost one token residual per segment and conditioning, counted in the cache bytes).
 
 Approximation (ToCa's): attention mixes tokens, and the subset attends only to itself (plus the
 text), not to the cached keys of the other tokens.

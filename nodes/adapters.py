@@ -73,7 +73,8 @@ ADAPTERS = (
         family="Flux",
         model_class="comfy.ldm.flux.model.Flux",
         # pe: the rotary table [B, 1, txt + img, ...] of cat(txt, img); single blocks see cat(txt, img)
-        kinds=(BlockKind("double_block", "double_blocks", ("img", "txt"), TokenLayout("img", text="txt", rows=_FLUX_ROWS)),
+        kinds=(BlockKind("double_block", "double_blocks", ("img", "txt"),
+                         TokenLayout("img", text="txt", rows=_FLUX_ROWS)),
                BlockKind("single_block", "single_blocks", ("img",),
                          TokenLayout("img", text="txt", text_in_stream=True, rows=_FLUX_ROWS))),
         modulated_input=_flux_modulated_input,

@@ -13,6 +13,9 @@ LAYOUTS = {"double": TokenLayout("img", text="txt", rows=(("pe", 1),)),
            "single": TokenLayout("img", text="txt", text_in_stream=True, rows=(("pe", 1),))}
 
 
+REUSE = CacheConfig(policy=FixedInterval(interval=3, warmup_steps=0), site=Site("span", probe_blocks=1))
+
+
 def sample_tokens(config, uuids=("c", "u"), model=None):
     model = model or TinyDiT()
     run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
@@ -72,7 +75,7 @@ def test_ratio_one_is_a_full_compute_bit_for_bit(selection, site):
 def test_partial_evaluation_recomputes_the_selected_tokens_and_fills_the_others(selection):
     """TinyDiT's blocks act per token, so recomputed rows equal the full compute and the others the plain fill."""
     full, _, _ = sample(CacheConfig(policy=FixedInterval(interval=1), site=Site("span", probe_blocks=1)))
-    reuse, _, _ = sample(CacheConfig(policy=FixedInterval(interval=3, warmup_steps=0), site=Site("span", probe_blocks=1)))
+    reuse, _, _ = sample(REUSE)
     one, run1, _ = _first_partial(selection)
     chosen = run1.tokens.memory["c"].age == 0
     assert 0 < int(chosen.sum()) < chosen.numel()
@@ -93,7 +96,7 @@ def _first_partial(selection, gamma=0.0):
 
 
 def test_cluster_propagation_with_gamma_zero_is_reuse_and_with_gamma_moves_the_cluster():
-    reuse, _, _ = sample(CacheConfig(policy=FixedInterval(interval=3, warmup_steps=0), site=Site("span", probe_blocks=1)))
+    reuse, _, _ = sample(REUSE)
     still, run, _ = _first_partial("cluster", gamma=0.0)
     moved, _, _ = _first_partial("cluster", gamma=0.5)
     others = run.tokens.memory["c"].age > 0
@@ -170,7 +173,7 @@ def test_compute_fraction_counts_partial_cells_at_their_fraction():
 
 
 def test_token_memory_is_counted_in_the_peak_cache_bytes():
-    _, plain, _ = sample(CacheConfig(policy=FixedInterval(interval=3, warmup_steps=0), site=Site("span", probe_blocks=1)))
+    _, plain, _ = sample(REUSE)
     _, tokens, _ = sample_tokens(config("score"))
     assert tokens.report()["peak_cache_bytes"] > plain.report()["peak_cache_bytes"]
 
