@@ -351,19 +351,17 @@ def _sampler_seconds(timings: list, uncached: list) -> float:
     return statistics.median(t[0] + t[2] * per_step for t in timings)
 
 
-def partial_step_cost(runs: list) -> float | None:
-    """Median wall-clock of the partial (token-level) steps / of the computed steps of runs with one model
-    evaluation per step (step k lasts from the (k-1)-th to the k-th progress stamp)."""
-    by_decision: dict = {}
+def partial_step_cost(runs: list, uncached_step_seconds: list) -> float | None:
+    """Median wall-clock of the partial (token-level) steps of runs with one model evaluation per step / the
+    median step of the interleaved uncached runs (step k lasts from the (k-1)-th to the k-th progress stamp)."""
+    partial = []
     for run in runs:
         decisions = [e["decision"] for e in run.report["trace"]["evaluations"]] if run.report else []
-        if len(decisions) != len(run.step_seconds) + 1:
-            continue
-        for decision, seconds in zip(decisions[1:], run.step_seconds):
-            by_decision.setdefault(decision, []).append(seconds)
-    if not by_decision.get("partial") or not by_decision.get("computed"):
+        if len(decisions) == len(run.step_seconds) + 1:
+            partial += [seconds for d, seconds in zip(decisions[1:], run.step_seconds) if d == "partial"]
+    if not partial or not uncached_step_seconds:
         return None
-    return statistics.median(by_decision["partial"]) / statistics.median(by_decision["computed"])
+    return statistics.median(partial) / statistics.median(uncached_step_seconds)
 
 
 def _fraction_from_log(lines: list) -> float:
@@ -381,11 +379,13 @@ def measure(host, case, method: Method, setting: dict, references: list, clock: 
                   efficiency=None, psnr=None, ssim=None, latent_psnr=None, cache_bytes=None,
                   sampler_seconds=None, sampler_seconds_uncached=None, partial_step_cost=None)
     try:
-        fractions, fidelity, cache_bytes, cached_t, uncached_t, cached_runs = [], [], [], [], [], []
+        fractions, fidelity, cache_bytes, cached_t, uncached_t, cached_runs, uncached_steps = [], [], [], [], [], [], []
         for k in range(max(len(case.graphs), case.repeats)):
             graph = case.graphs[k % len(case.graphs)]
             if k < case.repeats:
-                uncached_t.append(run_graph(host, graphs.without_cache(graph), clock, log_lines).timing)
+                uncached = run_graph(host, graphs.without_cache(graph), clock, log_lines)
+                uncached_t.append(uncached.timing)
+                uncached_steps += uncached.step_seconds
             run = run_graph(host, method.rewrite(graph, setting), clock, log_lines)
             cached_t.append(run.timing)
             cached_runs.append(run)
@@ -414,7 +414,7 @@ def measure(host, case, method: Method, setting: dict, references: list, clock: 
                       psnr=statistics.mean(f[0] for f in fidelity), ssim=statistics.mean(f[1] for f in fidelity),
                       latent_psnr=None if fidelity[0][2] is None else statistics.mean(f[2] for f in fidelity),
                       cache_bytes=max(cache_bytes) if cache_bytes else None,
-                      partial_step_cost=partial_step_cost(cached_runs))
+                      partial_step_cost=partial_step_cost(cached_runs, uncached_steps))
     except Exception as error:  # a failing method or node is a result, not the end of the benchmark
         record.update(status="failed", error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:500]}")
     return record
@@ -538,7 +538,7 @@ def write_markdown(path: str, records: list, speed_records: list, context: dict)
               "## Best PSNR at or above an ideal speedup", "", frontier_table(records)]
     if speed_records:
         lines += ["## Speed: real-dims slice (efficiency = wall-clock / ideal speedup)", "",
-                  "Partial step cost: median wall-clock of a token-level partial step / of a computed step.", "",
+                  "Partial step cost: median wall-clock of a token-level partial step / of an uncached step.", "",
                   "| method | setting | ideal × | wall-clock × | efficiency | partial step cost |",
                   "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {r['method']} | {_setting(r['setting'])} | {_fmt(r['ideal_speedup'])} | "
