@@ -67,6 +67,8 @@ def test_quick_run_with_another_pack(host, pack, tmp_path):
         assert 0 < r["compute_fraction"] <= 1 and r["ideal_speedup"] >= 1 and r["wallclock_speedup"] > 0
         assert r["psnr"] > 0 and -1 <= r["ssim"] <= 1
     assert all(r["cache_bytes"] is not None for r in ok if "@" in r["method"])
+    tokens = [r for r in ok if r["method"] in ("fixed+reuse@span+toca0.25", "fixed+reuse@span+clusca0.25")]
+    assert len(tokens) == 2 and all(r["partial_step_cost"] > 0 for r in tokens)  # the slice times token methods
 
     clone = [r for r in records if r["method"] == "fc_frontier_test_pack:FrontierClone"]
     assert clone and all(r["status"] == "ok" for r in clone)
