@@ -61,8 +61,9 @@ DEFAULT_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@bl
 SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks",
                  "fixed+reuse@span+toca0.25", "fixed+reuse@span+clusca0.25")
 SPEEDUP_LEVELS = (2.0, 3.0, 5.0)
-OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d)@(?P<site>\w+)"
-                      r"(?:\+(?P<tokens>toca|clusca|random|duca)(?P<ratio>[0-9.]+))?$")
+OUR_NAME = re.compile(r"^(?P<policy>\w+)\+(?P<forecaster>reuse|taylor\d|hicache\d?|ab\d|foca|spectrum|freqca|hyca)"
+                      r"@(?P<site>\w+)(?:\+(?P<tokens>toca|clusca|random|duca)(?P<ratio>[0-9.]+))?$")
+FORECASTER_TOKEN = re.compile(r"^(?P<kind>[a-z]+?)(?P<order>\d?)$")
 # token-level recompute suffixes (e.g. fixed+reuse@span+toca0.25): Cache Token Ratio inputs
 TOKEN_METHODS = {"toca": dict(selection="score"), "clusca": dict(selection="cluster"),
                  "random": dict(selection="random"), "duca": dict(selection="random", alternate=True)}
@@ -132,8 +133,8 @@ def our_method(host, name: str, speeds) -> Method:
     if not match or match["policy"] not in policies or match["site"] not in sites:
         raise ValueError(f"unknown method '{name}'")
     policy, forecaster, site = match["policy"], match["forecaster"], match["site"]
-    forecaster_inputs = (dict(method="reuse", order=0) if forecaster == "reuse"
-                         else dict(method="taylor", order=int(forecaster[len("taylor"):])))
+    token = FORECASTER_TOKEN.match(forecaster)
+    forecaster_inputs = dict(method=token["kind"], order=int(token["order"] or graphs.FORECASTER_DEFAULTS["order"]))
     tokens = match["tokens"] and {**TOKEN_DEFAULTS, **TOKEN_METHODS[match["tokens"]], "ratio": float(match["ratio"])}
 
     def rewrite(graph, setting):
@@ -158,7 +159,11 @@ def workflow_method_name(graph: dict) -> str:
     forecaster = "reuse"
     if "forecaster" in apply:
         f = graph[apply["forecaster"][0]]["inputs"]
-        forecaster = "reuse" if f["method"] == "reuse" or f["order"] == 0 else f"taylor{f['order']}"
+        default_order = graphs.FORECASTER_DEFAULTS["order"]
+        forecaster = ("reuse" if f["method"] == "reuse" or (f["method"] == "taylor" and f["order"] == 0)
+                      else f"{f['method']}{f['order']}" if f["method"] in ("taylor", "ab")
+                      else f"hicache{f['order']}" if f["method"] == "hicache" and f["order"] != default_order
+                      else f["method"])
     return f"{policy}+{forecaster}@{apply['site']}"
 
 

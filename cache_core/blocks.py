@@ -14,12 +14,14 @@ from typing import Callable, Optional
 import torch
 
 from .engine import CacheRun
+from .grid import TokenGrid
 from .policies import INPUT, MODULATED_INPUT, PROBE_RESIDUAL
 from .sites import CORRECTOR, PROBE, BlockPlan
 from .tokens import gather
 from .trace import COMPUTED, PARTIAL
 
 ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]
+TokenGridOf = Callable[[str, str], Optional[TokenGrid]]  # (block kind, stream) -> its image-token grid
 
 # Blocks may update their input in place (Flux does), so anything read after a block ran is a copy.
 
@@ -51,11 +53,12 @@ class _PartialSegment:
 
 class BlockRunner:
     def __init__(self, run: CacheRun, plan: BlockPlan, streams: dict, modulated_input: Optional[ModulatedInput] = None,
-                 token_layouts: Optional[dict] = None):
+                 token_grid: Optional[TokenGridOf] = None, token_layouts: Optional[dict] = None):
         self.run = run
         self.plan = plan
         self.streams = streams
         self.modulated_input = modulated_input
+        self.token_grid = token_grid
         self.token_layouts = token_layouts or {}
         self.segment_keys = [(seg.key, s) for seg in plan.segments for s in streams[seg.kind]]
         self.call = _Call()
@@ -119,7 +122,8 @@ class BlockRunner:
         self.run.mark(g, COMPUTED)
         if index == segment.last:
             for s in streams:
-                self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s])
+                grid = self.token_grid(kind, s) if self.token_grid else None
+                self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s], grid)
             if segment_number == 0:
                 reference = self.run.reference_chunk(out[streams[0]])
                 if reference is not None:

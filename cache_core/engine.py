@@ -12,13 +12,17 @@ from typing import Callable, Optional
 
 import torch
 
-from .forecasters import ForecasterConfig, TaylorForecaster
+from .forecasters import ForecasterConfig
+from .grid import TokenGrid, grid_for
 from .policies import NO_INDICATOR, PROBE_RESIDUAL, FixedInterval, Policy
 from .sites import Site
 from .tokens import TokenConfig, TokenState
 from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace
 
 log = logging.getLogger("FeatureCache")
+# A fill's forecast must have a norm within [min / GUARD_BAND, max * GUARD_BAND] of the norms of the
+# values computed for it so far; outside (or not finite) it is an overshoot and reuse replaces it.
+GUARD_BAND = 2.0
 
 
 @dataclass(frozen=True)
@@ -69,11 +73,17 @@ class CacheRun:
         self.notes: list[str] = []
         self.peak_bytes = 0
         self.over_budget = False
+        self.guarded_fills = 0
+        self.guard_computes = 0
         self._reset_state()
 
     def _reset_state(self):
         self.policy_state = self.config.policy.new_state()
         self.forecasters: dict = {}
+        self.norm_bands: dict = {}  # (key, uuid) -> (min, max) norm of its computed values, 0-dim tensors
+        self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
+        self.guarded_keys: set = set()
+        self.shared: dict = {}  # key -> state its forecasters share across conditionings
         self.cache_bytes = 0
         self.ref_uuid = None
         self.signature = None
@@ -98,7 +108,9 @@ class CacheRun:
         if current is None or sigma != current.sigma or ref_decided_again:
             self.trace.begin(sigma, self._step_of(sigma))
             self.decision = None
+            self.guarded_keys = set()  # keys whose fills this evaluation fall back to reuse
         self.uuids = list(uuids)
+        self.prepared = {}
 
     @property
     def sigma(self) -> float:
@@ -130,7 +142,40 @@ class CacheRun:
             self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
         if self.decision is None:  # the reference conditioning has not been seen in this evaluation
             return True
-        return self.decision or not self._has_caches(keys, self.uuids)
+        if self.decision or not self._has_caches(keys, self.uuids):
+            return True
+        if self._prepare_fills(keys):
+            return False
+        self.guard_computes += 1
+        if self.ref_uuid in self.uuids:  # no safe fill: this evaluation computes after all
+            self.decision = True
+            self.trace.evaluations[-1].decision = COMPUTED
+            self.consecutive_fills = 0
+        return True
+
+    def _prepare_fills(self, keys) -> bool:
+        """Forecast every value this call fills and check it: a non-finite forecast, or one whose norm leaves
+        the band of the computed values' norms, makes its key fill with the last computed value for every
+        conditioning of the evaluation (cond and uncond filled alike, so CFG does not amplify a difference).
+        False when some value has no safe fill (its last computed value is not finite either)."""
+        self.prepared = {(k, u): self.forecasters[(k, u)].predict(self.sigma) for k in keys for u in self.uuids}
+        checks = []
+        for slot, forecast in self.prepared.items():
+            norm = forecast.float().norm()
+            low, high = (bound.to(norm.device) for bound in self.norm_bands[slot])  # caches may be offloaded
+            checks.append(torch.isfinite(norm) & (norm <= GUARD_BAND * high) & (norm >= low / GUARD_BAND))
+        unsafe = {slot[0] for slot, safe in zip(list(self.prepared), torch.stack(checks).tolist()) if not safe}
+        self.guarded_keys |= unsafe
+        for slot in self.prepared:
+            if slot[0] not in self.guarded_keys:
+                continue
+            latest = self.forecasters[slot].latest()
+            if not bool(torch.isfinite(latest).all()):
+                self.prepared = {}
+                return False
+            self.prepared[slot] = latest
+            self.guarded_fills += 1
+        return True
 
     def token_selection(self, compute: bool, features: torch.Tensor) -> Optional[torch.Tensor]:
         """Token indices this call's cached segments recompute on a partial evaluation (None: compute or fill
@@ -157,7 +202,7 @@ class CacheRun:
 
     @property
     def fill_action(self) -> str:
-        return REUSED if self.config.forecaster.order == 0 else FORECAST
+        return REUSED if self.config.forecaster.is_reuse else FORECAST
 
     def mark(self, row: int, action: str, fraction: Optional[float] = None) -> None:
         self.trace.mark(row, action, fraction)
@@ -166,8 +211,10 @@ class CacheRun:
     def _has_caches(self, keys, uuids) -> bool:
         return all((k, u) in self.forecasters for k in keys for u in uuids)
 
-    def store(self, key, values: torch.Tensor) -> None:
-        """Record a computed value (batched over the call's uuids) at the current sigma."""
+    def store(self, key, values: torch.Tensor, grid: Optional[TokenGrid] = None) -> None:
+        """Record a computed value (batched over the call's uuids) at the current sigma.
+
+        `grid` locates the value's image tokens (for frequency-aware forecasters); None if unknown."""
         if self.over_budget:
             return
         n = len(self.uuids)
@@ -175,11 +222,16 @@ class CacheRun:
             forecaster = self.forecasters.get((key, uuid))
             if forecaster is None:
                 store_device = torch.device("cpu") if self.config.offload_to_cpu else None
-                forecaster = TaylorForecaster(self.config.forecaster.order, store_device)
+                forecaster = self.config.forecaster.new_state(store_device, grid_for(chunk(values, n, i), grid),
+                                                              self.shared.setdefault(key, {}))
                 self.forecasters[(key, uuid)] = forecaster
             before = forecaster.nbytes
-            forecaster.update(self.sigma, chunk(values, n, i))
+            value = chunk(values, n, i)
+            forecaster.update(self.sigma, value)
             self.cache_bytes += forecaster.nbytes - before
+            norm = value.detach().float().norm()
+            low, high = self.norm_bands.get((key, uuid), (norm, norm))
+            self.norm_bands[(key, uuid)] = (torch.minimum(low, norm), torch.maximum(high, norm))
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes)
         budget = self.config.memory_budget_mb * 2**20
         if budget and self.cache_bytes > budget:
@@ -187,11 +239,13 @@ class CacheRun:
                        f"{self.config.memory_budget_mb} MiB: caching stopped for the rest of this run")
             self.over_budget = True
             self.forecasters.clear()
+            self.norm_bands.clear()
+            self.shared.clear()
             self.cache_bytes = 0
 
     def fill(self, key, like: torch.Tensor) -> torch.Tensor:
-        """The forecast value of `key` at the current sigma for every uuid of the call, batched like `like`."""
-        parts = [self.forecasters[(key, u)].predict(self.sigma, like.device) for u in self.uuids]
+        """The checked forecast of `key` at the current sigma for every uuid of the call, batched like `like`."""
+        parts = [self.prepared.pop((key, u)).to(like.device) for u in self.uuids]
         return torch.cat(parts, dim=0)
 
     def reference_chunk(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
@@ -207,6 +261,13 @@ class CacheRun:
     def report(self) -> dict:
         fraction = self.trace.compute_fraction()
         decisions = [ev.decision for ev in self.trace.evaluations]
+        notes = list(self.notes)
+        if self.guarded_fills:
+            notes.append(f"{self.guarded_fills} forecast fills were not finite or overshot (norm outside "
+                         f"[1/{GUARD_BAND:g}, {GUARD_BAND:g}] x the computed values' range): replaced by the last "
+                         "computed value")
+        if self.guard_computes:
+            notes.append(f"{self.guard_computes} calls computed because a cached value was not finite")
         return {
             **self.config.describe(),
             "evaluations": len(decisions),
@@ -217,6 +278,7 @@ class CacheRun:
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
             "peak_cache_bytes": self.peak_bytes,
-            "notes": list(self.notes),
+            "guarded_fills": self.guarded_fills,
+            "notes": notes,
             "trace": self.trace.to_dict(),
         }

@@ -1,4 +1,4 @@
-"""One description per architecture: its block kinds, their hidden streams and tokens, and its TeaCache indicator.
+"""One description per architecture: block kinds, hidden streams, image-token grid and TeaCache indicator.
 
 Everything else (hooks, the engine) is shared. A family is supported at block sites when its
 forward offers `patches_replace["dit"]` for every block; the whole-model site works on any model.
@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..cache_core import TokenLayout
+from ..cache_core import TokenGrid, TokenLayout
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,12 @@ class BlockKind:
     name: str  # key used by the model in patches_replace["dit"][(name, i)]
     attribute: str  # the ModuleList on the diffusion model
     streams: tuple  # hidden-state entries of the replace args / returned dict
-    tokens: Optional[TokenLayout] = None  # where the image/video tokens are (token-level recompute)
+    image_streams: tuple = ()  # streams whose last rows are the image tokens (Flux single blocks: cat(txt, img))
+    # token-level recompute: the args entry whose length is the text token count (when the image stream is
+    # cat(text, image), the text precedes the tokens there), and the per-position tables (entry, dims) over
+    # text + image tokens that a token subset must gather; None: this kind's tokens cannot be gathered
+    text: Optional[str] = None
+    token_rows: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,7 @@ class Adapter:
     model_class: str  # module.qualname of the diffusion model class
     kinds: tuple
     modulated_input: Optional[Callable] = None  # (block module, args) -> timestep-modulated input of block 0
+    patch: tuple = ()  # latent elements per image token along each spatial dim; () = grid unknown
 
     def layout(self, diffusion_model) -> list[tuple[str, int]]:
         return [(k.name, len(getattr(diffusion_model, k.attribute))) for k in self.kinds]
@@ -34,13 +40,26 @@ class Adapter:
     def streams(self) -> dict:
         return {k.name: k.streams for k in self.kinds}
 
+    @property
+    def has_token_grid(self) -> bool:
+        return bool(self.patch)
+
+    def token_grid(self, kind: str, stream: str, latent_shape: Optional[tuple]) -> Optional[TokenGrid]:
+        """The grid of the image tokens in `stream` of `kind` blocks, for a latent [B, C, *spatial]; None if none."""
+        block_kind = next(k for k in self.kinds if k.name == kind)
+        if not self.patch or latent_shape is None or stream not in block_kind.image_streams:
+            return None
+        return TokenGrid(tuple(-(-n // p) for n, p in zip(latent_shape[2:], self.patch)))
+
     def token_layouts(self) -> dict:
-        missing = [k.name for k in self.kinds if k.tokens is None]
+        """Per kind, where token-level recompute gathers its token subset; raises when a kind does not say."""
+        missing = [k.name for k in self.kinds if k.token_rows is None or not k.image_streams]
         if missing:
             raise UnsupportedModel(
-                f"token-level recompute cannot gather the tokens of this model's {', '.join(missing)} blocks "
+                f"Feature cache: token-level recompute cannot gather the tokens of this model's {', '.join(missing)} blocks "
                 f"({self.family}) yet: disconnect the tokens input")
-        return {k.name: k.tokens for k in self.kinds}
+        return {k.name: TokenLayout(k.image_streams[0], k.text, k.text is not None and k.text not in k.streams,
+                                    k.token_rows) for k in self.kinds}
 
     def block(self, diffusion_model, kind: str, index: int):
         attribute = next(k.attribute for k in self.kinds if k.name == kind)
@@ -73,18 +92,21 @@ ADAPTERS = (
         family="Flux",
         model_class="comfy.ldm.flux.model.Flux",
         # pe: the rotary table [B, 1, txt + img, ...] of cat(txt, img); single blocks see cat(txt, img)
-        kinds=(BlockKind("double_block", "double_blocks", ("img", "txt"),
-                         TokenLayout("img", text="txt", rows=_FLUX_ROWS)),
-               BlockKind("single_block", "single_blocks", ("img",),
-                         TokenLayout("img", text="txt", text_in_stream=True, rows=_FLUX_ROWS))),
+        kinds=(BlockKind("double_block", "double_blocks", ("img", "txt"), image_streams=("img",), text="txt",
+                         token_rows=_FLUX_ROWS),
+               BlockKind("single_block", "single_blocks", ("img",), image_streams=("img",), text="txt",
+                         token_rows=_FLUX_ROWS)),
         modulated_input=_flux_modulated_input,
+        patch=(2, 2),
     ),
     Adapter(
         family="Wan 2.1 / 2.2",
         model_class="comfy.ldm.wan.model.WanModel",
         # pe: freqs [1, img, 1, ...]; vec: modulation [B, 1 | frames | img, 6, dim] (per-frame rows cover a frame)
-        kinds=(BlockKind("double_block", "blocks", ("img",), TokenLayout("img", rows=(("pe", 1), ("vec", 1)))),),
+        kinds=(BlockKind("double_block", "blocks", ("img",), image_streams=("img",),
+                         token_rows=(("pe", 1), ("vec", 1))),),
         modulated_input=_wan_modulated_input,
+        patch=(1, 2, 2),
     ),
 )
 

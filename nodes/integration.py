@@ -14,7 +14,7 @@ from typing import Optional
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED
+from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED, TokenGrid
 from .adapters import Adapter, adapter_for
 from .progress import send, with_progress
 
@@ -57,6 +57,11 @@ def install(model, config: CacheConfig, handle: CacheHandle):
         adapter = adapter_for(model.model.diffusion_model)
         layout = tuple(adapter.layout(model.model.diffusion_model))
         config.site.validate(list(layout))
+        if config.forecaster.needs_grid and not adapter.has_token_grid:
+            raise ValueError(
+                f"Feature cache: the '{config.forecaster.kind}' forecaster needs the image-token grid of the blocks, "
+                f"which the {adapter.family} adapter does not describe: set Apply Feature Cache's site to 'model' or "
+                "choose another Cache Forecaster method")
         if config.tokens is not None:
             adapter.token_layouts()  # raises, naming the block kinds, when the adapter cannot gather tokens
     model = model.clone()
@@ -65,6 +70,7 @@ def install(model, config: CacheConfig, handle: CacheHandle):
     if adapter is None:
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model)
     else:
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _record_latent_shape)
         existing = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
         for kind, count in layout:
             for i in range(count):
@@ -107,11 +113,15 @@ class _RunContext:
         self.setup = setup
         self.diffusion_model = diffusion_model
         self.blocks = None
+        self.latent_shape: Optional[tuple] = None  # of the model call in progress (block sites)
         if setup.adapter is not None:
             adapter = setup.adapter
             self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
-                                      self._modulated_input if adapter.modulated_input else None,
+                                      self._modulated_input if adapter.modulated_input else None, self._token_grid,
                                       adapter.token_layouts() if setup.config.tokens is not None else None)
+
+    def _token_grid(self, kind, stream):
+        return self.setup.adapter.token_grid(kind, stream, self.latent_shape)
 
     def _modulated_input(self, kind, index, args):
         block = self.setup.adapter.block(self.diffusion_model, kind, index)
@@ -125,6 +135,19 @@ def _current_sigma(transformer_options) -> float:
     return float(transformer_options["sigmas"].flatten()[0])
 
 
+def _record_latent_shape(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                         **kwargs):
+    """Block sites: the blocks see tokens; their image-token grid comes from the latent of the model call."""
+    context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
+    if context is None:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    previous, context.latent_shape = context.latent_shape, tuple(x.shape)
+    try:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    finally:
+        context.latent_shape = previous
+
+
 def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
     """Whole-model site: caches the sampler's derivative eps = (x - denoised) / sigma, any architecture."""
     context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
@@ -136,7 +159,7 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
     if run.decide(["model"], lambda _kind: run.reference_chunk(x)):
         denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         eps = (x - denoised) / scale
-        run.store("model", eps)
+        run.store("model", eps, TokenGrid(tuple(x.shape[2:]), channels_first=True) if x.ndim > 2 else None)
         reference = run.reference_chunk(eps)
         if reference is not None:
             run.computed(reference)

@@ -11,8 +11,8 @@ from comfy_api.latest import ComfyExtension, io
 
 import folder_paths
 
-from ..cache_core import (FORECASTER_KINDS, MAX_TAYLOR_ORDER, POLICIES, SITE_KINDS, TOKEN_SELECTIONS, CacheConfig,
-                          ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy, render_map)
+from ..cache_core import (FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES, SITE_KINDS, TOKEN_SELECTIONS,
+                          CacheConfig, ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy, render_map)
 from .integration import SETUP_KEY, CacheHandle, install
 
 CachePolicy = io.Custom("CACHE_POLICY")
@@ -71,28 +71,58 @@ class CachePolicyNode(io.ComfyNode):
         return io.NodeOutput(policy)
 
 
+_FORECASTER_HELP = {
+    "reuse": "the last computed value",
+    "taylor": "Taylor series in sigma with divided-difference derivatives (TaylorSeer); uses order",
+    "hicache": "Taylor coefficients on a contracted Hermite basis (HiCache); uses order and contraction",
+    "ab": "Adams-Bashforth combination of the last `order` computed values, weights in sigma (AB-Cache)",
+    "foca": "BDF2 predictor + Heun corrector on the feature trajectory (FoCa): exact on lines, damps curvature",
+    "spectrum": "Chebyshev ridge fit over every computed point of the run (Spectrum); uses degree and ridge",
+    "freqca": "low spatial frequencies reused, high ones forecast by Hermite order 2 (FreqCa); uses cutoff",
+    "hyca": "per group of feature channels, the candidate that forecast best during warmup (HyCa); uses groups",
+}
+_FORECASTER_DEFAULTS = ForecasterConfig()
+
+
 class CacheForecasterNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        d = _FORECASTER_DEFAULTS
         return io.Schema(
             node_id="FeatureCacheForecaster",
             display_name="Cache Forecaster",
             category=CATEGORY,
-            description="How a skipped computation is filled: reuse the last value or extrapolate it in sigma.",
+            description="How a skipped computation is filled: reuse the last value or forecast it in sigma.",
             inputs=[
                 io.Combo.Input("method", options=list(FORECASTER_KINDS), default="taylor",
-                               tooltip="reuse: the last computed value; taylor: Taylor series in sigma with "
-                                       "finite-difference derivatives (TaylorSeer), exact on non-uniform schedules."),
+                               tooltip="; ".join(f"{k}: {v}" for k, v in _FORECASTER_HELP.items())),
                 io.Int.Input("order", default=2, min=0, max=MAX_TAYLOR_ORDER,
-                             tooltip="Taylor order (0 = reuse). Higher orders need more computed steps and memory. "
-                                     "Used by 'taylor' only."),
+                             tooltip="taylor: 0-4 (0 = reuse); hicache: 1-4; ab: the number of values combined, 1-4 "
+                                     "(1 = reuse). Higher orders need more computed steps and memory. Other methods "
+                                     "ignore it."),
+                io.Float.Input("contraction", default=d.contraction, min=0.05, max=1.0, step=0.01, optional=True,
+                               tooltip="hicache / freqca: Hermite contraction; 0.71 keeps Taylor's first-order term, "
+                                       "lower values damp the forecast more (authors: 0.5-0.7)."),
+                io.Int.Input("degree", default=d.degree, min=1, max=12, optional=True,
+                             tooltip="spectrum: degree of the Chebyshev fit in sigma."),
+                io.Float.Input("ridge", default=d.ridge, min=0.0, max=100.0, step=0.01, optional=True,
+                               tooltip="spectrum: ridge penalty on the fit's non-constant coefficients (0: plain "
+                                       "least squares)."),
+                io.Float.Input("cutoff", default=d.cutoff, min=0.01, max=0.99, step=0.01, optional=True,
+                               tooltip="freqca: low-pass cutoff as a fraction of the highest spatial frequency of the "
+                                       "token grid (authors: ~0.1)."),
+                io.Int.Input("groups", default=d.groups, min=1, max=1024, optional=True,
+                             tooltip="hyca: feature channels are split into this many groups, each with its own "
+                                     "forecaster chosen during warmup."),
             ],
             outputs=[CacheForecaster.Output(display_name="forecaster")],
         )
 
     @classmethod
-    def execute(cls, method, order):
-        return io.NodeOutput(_build(ForecasterConfig, kind=method, order=0 if method == "reuse" else order))
+    def execute(cls, method, order, contraction=_FORECASTER_DEFAULTS.contraction, degree=_FORECASTER_DEFAULTS.degree,
+                ridge=_FORECASTER_DEFAULTS.ridge, cutoff=_FORECASTER_DEFAULTS.cutoff, groups=_FORECASTER_DEFAULTS.groups):
+        return io.NodeOutput(_build(ForecasterConfig, kind=method, order=order if method in ORDERS else 0,
+                                    contraction=contraction, degree=degree, ridge=ridge, cutoff=cutoff, groups=groups))
 
 
 class CacheTokenRatioNode(io.ComfyNode):
@@ -172,7 +202,7 @@ class ApplyFeatureCacheNode(io.ComfyNode):
         config = _build(CacheConfig, policy=policy or TeaCache(), forecaster=forecaster or ForecasterConfig(),
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
                         memory_budget_mb=memory_budget_mb)
-        return io.NodeOutput(_build(install, model=model, config=config, handle=CacheHandle(cls.hidden.unique_id)))
+        return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
 
 
 class CacheMapNode(io.ComfyNode):

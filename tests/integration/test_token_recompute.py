@@ -68,7 +68,7 @@ def test_a_model_whose_adapter_cannot_gather_tokens_is_refused_before_sampling(p
     adapters, integration, core = product("nodes.adapters"), product("nodes.integration"), product("cache_core")
     wan = models["wan"][0]
     adapter = adapters.adapter_for(wan.model.diffusion_model)
-    blind = dataclasses.replace(adapter, kinds=tuple(dataclasses.replace(k, tokens=None) for k in adapter.kinds))
+    blind = dataclasses.replace(adapter, kinds=tuple(dataclasses.replace(k, token_rows=None) for k in adapter.kinds))
     config = core.CacheConfig(site=core.Site("span", probe_blocks=1), tokens=core.TokenConfig())
     monkeypatch.setattr(integration, "adapter_for", lambda _model: blind)  # an architecture without token layouts
     with pytest.raises(ValueError, match="cannot gather the tokens.*disconnect the tokens input"):

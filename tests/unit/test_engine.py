@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from cache_core import (BlockRunner, CacheConfig, CacheRun, FirstBlock, FixedInterval, ForecasterConfig, Site,
-                        TeaCache, TokenConfig, COMPUTED, REUSED, FORECAST)
+from cache_core import (FORECASTER_KINDS, BlockRunner, CacheConfig, CacheRun, FirstBlock, FixedInterval,
+                        ForecasterConfig, Site, TeaCache, TokenConfig, TokenGrid, COMPUTED, REUSED, FORECAST)
 
 LAYOUT = [("double", 2), ("single", 3)]
 STREAMS = {"double": ("img", "txt"), "single": ("img",)}
@@ -56,11 +56,11 @@ def _inputs(batch=2, seed=1):
     return torch.randn(batch, 6, 8, generator=g), torch.randn(batch, 3, 8, generator=g)
 
 
-def sample(config, uuids=("c", "u"), separate=False, model=None):
+def sample(config, uuids=("c", "u"), separate=False, model=None, token_grid=None):
     """A toy sampler: each evaluation feeds a slightly moved input; returns outputs and the run."""
     model = model or TinyDiT()
     run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
-    runner = BlockRunner(run, config.site.plan(LAYOUT), STREAMS)
+    runner = BlockRunner(run, config.site.plan(LAYOUT), STREAMS, token_grid=token_grid)
     img, txt = _inputs(len(uuids))
     outs = []
     for sigma in SIGMAS[:-1]:
@@ -216,3 +216,69 @@ def test_trace_round_trips_through_its_dict_and_renders():
     image = render_map(again, cell=4)
     assert image.shape == (5 * 4, 6 * 4, 3)
     assert (image[4 * 1 + 2, 4 * 1 + 2] == (70, 130, 220)).all()  # block 1 reused at evaluation 1
+
+
+@pytest.mark.parametrize("kind", FORECASTER_KINDS)
+def test_every_forecaster_kind_fills_block_sites_end_to_end(kind):
+    """The image stream's last 6 rows are a 2x3 token grid (the single blocks see cat(txt, img))."""
+    config = CacheConfig(policy=FixedInterval(interval=3), site=Site("blocks"), forecaster=ForecasterConfig(kind))
+    outs, run, model = sample(config, token_grid=lambda kind, stream: TokenGrid((2, 3)) if stream == "img" else None)
+    reuse, _, _ = sample(CacheConfig(policy=FixedInterval(interval=3), site=Site("blocks")))
+    assert all(torch.isfinite(o).all() for o in outs)
+    fill = run.fill_action
+    assert [ev.decision for ev in run.trace.evaluations] == [COMPUTED, fill, fill, COMPUTED, fill, fill]
+    assert run.report()["forecaster"] == config.forecaster.label
+    if kind == "reuse":
+        assert all(torch.equal(a, b) for a, b in zip(outs, reuse))
+    elif kind != "hyca":  # two computed points are too few for HyCa to prefer a forecast over reuse
+        assert not torch.allclose(outs[-1], reuse[-1])
+
+
+def _two_uuid_run(forecaster=ForecasterConfig("taylor", 1), fill_call=("c", "u")):
+    """Computed at sigma 1.0 and 0.8, then the call `fill_call` fills at 0.6 (interval 3)."""
+    config = CacheConfig(policy=FixedInterval(interval=3, warmup_steps=2), forecaster=forecaster)
+    run = CacheRun(config, ["model"], [1.0, 0.8, 0.6, 0.4, 0.0])
+    for sigma, value in ((1.0, 1.0), (0.8, 2.0)):
+        run.begin_call(["c", "u"], sigma, torch.zeros(2, 3))
+        assert run.decide(["model"], lambda kind: None)
+        run.store("model", torch.full((2, 3), value))
+    run.begin_call(list(fill_call), 0.6, torch.zeros(len(fill_call), 3))
+    return run
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 10.0, 0.01])
+def test_guard_replaces_a_non_finite_or_overshooting_forecast_by_the_last_computed_value(bad):
+    run = _two_uuid_run()
+    run.forecasters[("model", "u")].predict = lambda t, device=None: torch.full((1, 3), bad)
+    assert not run.decide(["model"], lambda kind: None)
+    filled = run.fill("model", torch.zeros(2, 3))
+    # both conditionings reuse the value computed at 0.8 (c's line through (1, 1), (0.8, 2) would give 3):
+    # cond forecast and uncond reused would let CFG amplify their difference
+    assert torch.equal(filled, torch.full((2, 3), 2.0))
+    report = run.report()
+    assert report["guarded_fills"] == 2 and any("replaced by the last computed value" in n for n in report["notes"])
+
+
+def test_guard_keeps_the_fallback_for_the_later_calls_of_the_evaluation():
+    run = _two_uuid_run(fill_call=("c",))  # cond and uncond in separate calls: c's forecast overshoots
+    run.forecasters[("model", "c")].predict = lambda t, device=None: torch.full((1, 3), 50.0)
+    assert not run.decide(["model"], lambda kind: None)
+    assert torch.equal(run.fill("model", torch.zeros(1, 3)), torch.full((1, 3), 2.0))
+    run.begin_call(["u"], 0.6, torch.zeros(1, 3))
+    assert not run.decide(["model"], lambda kind: None)
+    assert torch.equal(run.fill("model", torch.zeros(1, 3)), torch.full((1, 3), 2.0))  # u's line would give 3
+
+
+def test_guard_computes_when_no_cached_value_is_finite():
+    run = _two_uuid_run()
+    run.forecasters[("model", "c")].update(0.8, torch.full((1, 3), float("nan")))
+    assert run.decide(["model"], lambda kind: None)
+    assert run.trace.evaluations[-1].decision == COMPUTED
+    assert any("not finite" in n for n in run.report()["notes"])
+
+
+def test_a_plausible_forecast_passes_the_guard_unchanged():
+    run = _two_uuid_run()
+    assert not run.decide(["model"], lambda kind: None)
+    assert torch.allclose(run.fill("model", torch.zeros(2, 3)), torch.full((2, 3), 3.0))
+    assert run.report()["guarded_fills"] == 0

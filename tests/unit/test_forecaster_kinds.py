@@ -1,0 +1,206 @@
+"""Every forecaster kind on plain tensors: exactness where the formula promises it, safety on repeated times."""
+import math
+import pickle
+import random
+
+import pytest
+import torch
+
+from cache_core import FORECASTER_KINDS, ForecasterConfig, TokenGrid
+from cache_core.forecasters import low_pass, split_bands
+from cache_core.forecasters.polynomial import hermite
+
+GRID = TokenGrid((4, 4), channels_first=True)
+
+
+def _poly(coeffs, t):
+    return sum(c * t ** k for k, c in enumerate(coeffs))
+
+
+def _grid_times(n, seed):
+    rng = random.Random(seed)
+    return sorted((rng.uniform(0.05, 1.0) for _ in range(n)), reverse=True)  # non-uniform, decreasing
+
+
+def _feed(config, times, values, grid=None):
+    f = config.new_state(grid=grid)
+    for t, v in zip(times, values):
+        f.update(t, v)
+    return f
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_adams_bashforth_of_order_k_is_exact_below_degree_k_on_non_uniform_times(k):
+    times = _grid_times(k + 2, k)
+    coeffs = [torch.randn(3, 4, dtype=torch.float64) for _ in range(k)]  # degree k - 1
+    f = _feed(ForecasterConfig("ab", k), times, [_poly(coeffs, t) for t in times])
+    for target in (0.02, times[-1] - 0.1):
+        assert torch.allclose(f.predict(target), _poly(coeffs, target), atol=1e-8)
+
+
+def test_adams_bashforth_of_order_k_is_not_exact_at_degree_k():
+    times = [1.0, 0.7, 0.5]
+    f = _feed(ForecasterConfig("ab", 2), times, [torch.tensor([t ** 2], dtype=torch.float64) for t in times])
+    assert not torch.allclose(f.predict(0.2), torch.tensor([0.04], dtype=torch.float64))
+
+
+def test_adams_bashforth_uses_the_published_uniform_weights():
+    values = [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([4.0])]
+    f = _feed(ForecasterConfig("ab", 3), [0.6, 0.5, 0.4], values)
+    assert f.predict(0.3).item() == pytest.approx(3 * 4 - 3 * 2 + 1)  # 3 F_n - 3 F_n-1 + F_n-2
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3, 5])
+def test_chebyshev_fit_without_ridge_is_exact_below_its_degree_plus_one(degree):
+    times = _grid_times(degree + 4, degree)
+    coeffs = [torch.randn(2, 3, dtype=torch.float64) for _ in range(degree + 1)]
+    f = _feed(ForecasterConfig("spectrum", degree=degree, ridge=0.0), times, [_poly(coeffs, t) for t in times])
+    for target in (0.01, 0.5 * (times[0] + times[-1])):
+        assert torch.allclose(f.predict(target), _poly(coeffs, target), atol=1e-6)
+
+
+def test_chebyshev_ridge_shrinks_the_trend_but_not_the_level():
+    times = [1.0, 0.8, 0.6, 0.4]
+    constant = _feed(ForecasterConfig("spectrum", degree=2, ridge=10.0), times, [torch.tensor([3.0])] * 4)
+    assert constant.predict(0.1).item() == pytest.approx(3.0, rel=1e-5)  # the level is not penalised
+    line = [torch.tensor([t], dtype=torch.float64) for t in times]
+    exact = _feed(ForecasterConfig("spectrum", degree=2, ridge=0.0), times, line).predict(0.1).item()
+    ridged = _feed(ForecasterConfig("spectrum", degree=2, ridge=10.0), times, line).predict(0.1).item()
+    assert exact == pytest.approx(0.1) and abs(ridged - 0.1) > 0.05
+
+
+def test_spectrum_memory_is_bounded_by_its_degree():
+    f = ForecasterConfig("spectrum", degree=3).new_state()
+    sizes = []
+    for t in _grid_times(30, 1):
+        f.update(t, torch.zeros(10))
+        sizes.append(f.nbytes)
+    assert sizes[-1] == sizes[3] == (3 + 1 + 1) * 10 * 4
+
+
+@pytest.mark.parametrize("contraction", [0.5, 1 / math.sqrt(2), 1.0])
+def test_hermite_relation_to_taylor(contraction):
+    """F = sum_k c_k h^k s^k H_k(s u): order 1 scales Taylor's slope by 2 s^2; order 2 on a quadratic a t^2 + ...
+    adds c_2 h^2 s^2 (4 s^2 u^2 - 2) instead of c_2 (t - t_0)^2."""
+    times = [0.9, 0.7, 0.45]
+    a, b, c = 1.7, -0.4, 0.3
+    values = [torch.tensor([a * t * t + b * t + c], dtype=torch.float64) for t in times]
+    first = _feed(ForecasterConfig("hicache", 1, contraction=contraction), times, values)
+    taylor = _feed(ForecasterConfig("taylor", 1), times, values)
+    t = 0.3
+    latest = values[-1].item()
+    assert first.predict(t).item() == pytest.approx(latest + 2 * contraction ** 2 * (taylor.predict(t).item() - latest))
+    second = _feed(ForecasterConfig("hicache", 2, contraction=contraction), times, values)
+    t0, h = times[-1], times[-1] - times[-2]
+    u = (t - t0) / h
+    slope = 2 * a * t0 + b
+    expected = latest + slope * h * contraction * hermite(1, contraction * u) \
+        + a * h * h * contraction ** 2 * hermite(2, contraction * u)
+    assert second.predict(t).item() == pytest.approx(expected)
+    if contraction == 1 / math.sqrt(2):  # keeps the first-order term; the second becomes a (t - t_0)^2 - a h^2
+        exact = a * t * t + b * t + c
+        assert second.predict(t).item() == pytest.approx(exact - a * h * h)
+
+
+def test_foca_is_exact_on_lines_and_damps_curvature():
+    times = [0.8, 0.6, 0.4]
+    line = _feed(ForecasterConfig("foca"), times, [torch.tensor([2 * t - 1], dtype=torch.float64) for t in times])
+    assert line.predict(0.1).item() == pytest.approx(-0.8)
+    square = _feed(ForecasterConfig("foca"), times, [torch.tensor([t * t], dtype=torch.float64) for t in times])
+    reuse, exact = 0.16, 0.04  # one uniform step ahead: F_0 + slope term + a quarter of the quadratic term
+    assert square.predict(0.2).item() == pytest.approx(0.16 - 0.16 + 0.04 / 4)
+    assert abs(square.predict(0.2).item() - exact) < abs(reuse - exact)
+
+
+def test_frequency_split_and_merge_is_the_identity_and_a_projection():
+    x = torch.randn(2, 3, 8, 8)
+    low, high = split_bands(x, TokenGrid((8, 8), channels_first=True), 0.3)
+    assert torch.allclose(low + high, x, atol=1e-6)
+    assert torch.allclose(low_pass(low, 0.3), low, atol=1e-5)
+    assert low_pass(high, 0.3).abs().max() < 1e-5
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]).remainder(2).float().expand(1, 1, 8, 8) * 2 - 1
+    assert low_pass(checker, 0.3).abs().max() < 1e-6  # the highest frequency is all high band
+    assert torch.allclose(low_pass(torch.full((1, 1, 8, 8), 5.0), 0.1), torch.full((1, 1, 8, 8), 5.0))
+
+
+def test_frequency_split_on_token_rows_keeps_text_rows_in_the_high_band():
+    grid = TokenGrid((2, 3))
+    tokens = torch.randn(1, 4 + 6, 5)  # 4 text rows then a 2x3 image grid
+    low, high = split_bands(tokens, grid, 0.1)
+    assert torch.equal(low[:, :4], torch.zeros(1, 4, 5))
+    assert torch.allclose(low + high, tokens, atol=1e-6)
+    image_mean = tokens[:, 4:].mean(dim=1, keepdim=True)  # cutoff 0.1 on a 2x3 grid: only the mean is low
+    assert torch.allclose(low[:, 4:], image_mean.expand(1, 6, 5), atol=1e-6)
+
+
+def test_freqca_reuses_the_low_band_and_forecasts_the_high_band():
+    times = [0.9, 0.7, 0.5]
+    base = torch.randn(1, 2, 4, 4)
+    smooth = torch.ones(1, 2, 4, 4)
+    values = [base + t * smooth for t in times]  # only the grid mean (low band) moves with t
+    f = _feed(ForecasterConfig("freqca"), times, values, GRID)
+    assert torch.allclose(f.predict(0.2), values[-1], atol=1e-5)
+    moving_detail = [smooth + t * (base - base.mean(dim=(2, 3), keepdim=True)) for t in times]
+    f = _feed(ForecasterConfig("freqca"), times, moving_detail, GRID)
+    assert not torch.allclose(f.predict(0.2), moving_detail[-1], atol=1e-3)
+
+
+def test_hyca_picks_the_best_candidate_per_feature_group():
+    times = _grid_times(8, 3)
+    constant, line = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    values = [torch.cat([constant + 0.01 * torch.randn(1, 2, 4, 4), line * t], dim=1) for t in times]
+    f = _feed(ForecasterConfig("hyca", groups=2), times, values, GRID)
+    assert f.choice is not None and f.choice[1] != "reuse"
+    assert set(f.candidates) == set(f.choice)  # the others were dropped
+    t = 0.01
+    assert torch.allclose(f.predict(t)[:, 2:], line * t, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", FORECASTER_KINDS)
+def test_repeated_times_give_finite_forecasts(kind):
+    """heunpp2 returns to a sigma it used two evaluations earlier: 0.97, 0.94, 0.97."""
+    f = ForecasterConfig(kind).new_state(grid=GRID)
+    for t in (1.0, 0.97, 0.94, 0.97, 0.94 + 1e-9, 0.9):
+        f.update(t, torch.randn(1, 2, 4, 4))
+        for target in (0.97, 0.94, 0.9, 0.5):
+            assert torch.isfinite(f.predict(target)).all(), (kind, t, target)
+
+
+@pytest.mark.parametrize("kind", FORECASTER_KINDS)
+def test_every_kind_copies_keeps_dtype_and_counts_memory(kind):
+    value = torch.ones(1, 2, 4, 4, dtype=torch.float16)
+    f = ForecasterConfig(kind).new_state(grid=GRID)
+    f.update(1.0, value)
+    value.add_(5.0)
+    assert torch.equal(f.latest(), torch.ones(1, 2, 4, 4, dtype=torch.float16))
+    assert f.predict(0.5).dtype == torch.float16 and f.nbytes > 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(kind="hicache", order=0), dict(kind="ab", order=5), dict(kind="foca", order=2),
+                                    dict(kind="spectrum", degree=0), dict(kind="freqca", cutoff=1.0),
+                                    dict(kind="hicache", contraction=0.0), dict(kind="hyca", groups=0),
+                                    dict(kind="spectrum", ridge=-1.0)])
+def test_bad_settings_of_the_new_kinds_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        ForecasterConfig(**kwargs)
+
+
+def test_configs_are_picklable_and_round_trip():
+    config = ForecasterConfig("spectrum", degree=3, ridge=0.5)
+    assert pickle.loads(pickle.dumps(config)) == config == ForecasterConfig.from_dict(config.to_dict())
+    assert [ForecasterConfig(k).label for k in FORECASTER_KINDS] == [
+        "reuse", "taylor2", "hicache", "ab2", "foca", "spectrum", "freqca", "hyca"]
+
+
+def test_hyca_takes_one_choice_for_every_conditioning_of_a_value():
+    """With CFG, cond forecast and uncond reused would amplify their difference: the choice is shared."""
+    times = _grid_times(6, 5)
+    shared = {}
+    config = ForecasterConfig("hyca", groups=2)
+    cond, uncond = config.new_state(grid=GRID, shared=shared), config.new_state(grid=GRID, shared=shared)
+    trend, still = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    for t in times:
+        cond.update(t, trend * t)  # alone it would choose a forecast
+        uncond.update(t, still + 0.001 * torch.randn(1, 2, 4, 4))  # alone it would choose reuse
+    assert cond.choice is not None and cond.choice == uncond.choice
+    assert set(cond.candidates) == set(uncond.candidates) == set(cond.choice)
