@@ -8,7 +8,7 @@ COMFYUI_TAG := v0.3.64
 COMFYUI_REPO := https://github.com/comfyanonymous/ComfyUI.git
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast test-compat demo bench clean
+.PHONY: setup test test-fast test-compat demo bench bench-peers clean
 
 setup: $(STAMP) .comfyui_path
 
@@ -54,6 +54,13 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.frontier
+
+# The other caching packs side by side (benchmarks/frontier/peers.py pins their commits): checkouts in
+# $$FC_PEERS_DIR, else .peers/ (each absent one cloned there). ComfyUI-TeaCache imports diffusers.
+FC_PEERS_DIR ?= $(CURDIR)/.peers
+bench-peers: setup
+	@$(PY) -c "import diffusers" 2>/dev/null || $(PIP) install --no-deps diffusers
+	$(PY) -m benchmarks.frontier --peers "$(FC_PEERS_DIR)" --out out/bench-peers
 
 clean:
 	rm -rf out .pytest_cache

@@ -73,3 +73,14 @@ def test_a_model_whose_adapter_cannot_gather_tokens_is_refused_before_sampling(p
     monkeypatch.setattr(integration, "adapter_for", lambda _model: blind)  # an architecture without token layouts
     with pytest.raises(ValueError, match="cannot gather the tokens.*disconnect the tokens input"):
         integration.install(wan, config, integration.CacheHandle())
+
+
+@pytest.mark.parametrize("name, tokens", [
+    ("fixed+reuse@span+toca0.25", {"selection": "score", "ratio": 0.25}),
+    ("fixed+reuse@span+clusca0.1", {"selection": "cluster", "clusters": 4, "ratio": 0.1}),
+    ("fixed+reuse@span+random0.5", {"selection": "random", "ratio": 0.5}),
+    ("fixed+reuse@span+duca0.25", {"selection": "random", "alternate": True, "ratio": 0.25}),
+])
+def test_benchmark_token_names_set_the_token_node(host, name, tokens):
+    from benchmarks.frontier import names
+    assert names.parse(host, name).inputs["tokens"] == tokens
