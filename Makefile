@@ -8,7 +8,7 @@ COMFYUI_TAG := v0.3.64
 COMFYUI_REPO := https://github.com/comfyanonymous/ComfyUI.git
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast test-compat demo bench bench-peers clean
+.PHONY: setup test test-fast test-compat demo bench bench-peers coverage clean
 
 setup: $(STAMP) .comfyui_path
 
@@ -54,6 +54,11 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.frontier
+
+# Every model family at every cache site on the host in use: out/coverage.json and a printed matrix.
+# Second host: COMFYUI_PATH=$$HOME/ComfyUI-0.8 make coverage
+coverage: setup
+	$(PY) -m benchmarks.coverage
 
 # The other caching packs side by side (benchmarks/frontier/peers.py pins their commits): checkouts in
 # $$FC_PEERS_DIR, else .peers/ (each absent one cloned there). ComfyUI-TeaCache imports diffusers.

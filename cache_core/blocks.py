@@ -3,9 +3,15 @@
 Architecture-neutral: a block is called with an `args` dict whose hidden-state entries are named by
 `streams` (e.g. Flux double blocks ("img", "txt"), Wan blocks ("img",)), and `run_block(args)`
 returns a dict with the same stream entries. A filled segment returns input + forecast residual at
-its first block and passes its input through the rest, so skipped blocks cost nothing. With token-level
-recompute, a partial segment also runs each of its blocks on a subset of the tokens (see tokens.py);
-`token_layouts` (per kind) says where the tokens are.
+its first block and passes its input through the rest, so skipped blocks cost nothing.
+
+Models may add to a stream between blocks (ControlNet residuals, VACE hints). Those additions are not
+part of a segment's cached residual: within a computed segment, what arrived at a block beyond the
+previous block's output is added to the segment's base, so on a filled step the host adds the current
+additions on top of the filled value and block skipping stays correct.
+A block that ends a stream (SD3's last block returns no text) passes that stream through.
+With token-level recompute, a partial segment also runs each of its blocks on a subset of the tokens
+(see tokens.py); `token_layouts` (per kind) says where the tokens are.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ class _Call:
         self.probe_kind: Optional[str] = None
         self.probe_base: Optional[torch.Tensor] = None
         self.probe_out: Optional[torch.Tensor] = None
-        self.segment_inputs: dict = {}
+        self.segment_inputs: dict = {}  # per stream: the segment's input plus what was added between its blocks
+        self.last_out: dict = {}  # per stream: a copy of the previous block's output within the segment
         self.text_lengths: dict = {}  # text token counts seen in this call, by args entry
         self.selection: Optional[torch.Tensor] = None  # tokens a partial call recomputes
         self.partial: Optional[_PartialSegment] = None
@@ -118,9 +125,15 @@ class BlockRunner:
             return {s: args[s] + self.run.fill((segment.key, s), args[s]) for s in streams}
         if index == segment.first:
             self.call.segment_inputs = {s: args[s].clone() for s in streams}
+        else:
+            for s in streams:
+                self.call.segment_inputs[s] += args[s] - self.call.last_out[s]
         out = run_block(args)
+        out = {**out, **{s: args[s] for s in streams if out.get(s) is None}}
         self.run.mark(g, COMPUTED)
-        if index == segment.last:
+        if index != segment.last:
+            self.call.last_out = {s: out[s].clone() for s in streams}
+        else:
             for s in streams:
                 grid = self.token_grid(kind, s) if self.token_grid else None
                 self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s], grid)

@@ -128,17 +128,24 @@ class CacheRun:
                 or not (self.active_high >= ev.sigma > self.active_low)
                 or (policy.max_consecutive > 0 and self.consecutive_fills >= policy.max_consecutive))
 
-    def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]]) -> bool:
-        """True to compute. `keys` are the cached values a fill would need for every uuid of the call."""
+    def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]],
+               forced_by: Optional[str] = None) -> bool:
+        """True to compute. `keys` are the cached values a fill would need for every uuid of the call.
+
+        `forced_by` names why this call cannot be filled (e.g. ControlNet residuals entering skipped
+        blocks); the evaluation is computed and its trace entry says why."""
         if self.decision is None and self.ref_uuid in self.uuids:
             kind = self.config.policy.indicator
             self.indicator = None if kind == NO_INDICATOR else indicator(kind)
-            forced = self._forced() or not self._has_caches(keys, [self.ref_uuid])
+            forced = bool(forced_by) or self._forced() or not self._has_caches(keys, [self.ref_uuid])
             compute, value = self.policy_state.decide(self.indicator, forced)
             self.decision = compute
             ev = self.trace.evaluations[-1]
             ev.indicator = value
             ev.decision = COMPUTED if compute else self.fill_action
+            ev.forced_by = forced_by
+        if forced_by:
+            return True
             self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
         if self.decision is None:  # the reference conditioning has not been seen in this evaluation
             return True

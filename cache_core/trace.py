@@ -21,6 +21,7 @@ class Evaluation:
     actions: list
     indicator: Optional[float] = None
     decision: str = COMPUTED
+    forced_by: Optional[str] = None  # why this evaluation had to be computed, when not the policy's choice
     fractions: dict = field(default_factory=dict)  # row -> fraction of its work a partial cell did
 
 
@@ -64,7 +65,8 @@ class Trace:
     def from_dict(cls, data: dict) -> "Trace":
         return cls(list(data["rows"]), [
             Evaluation(e["index"], e["sigma"], e["step"], list(e["actions"]), e.get("indicator"),
-                       e.get("decision", COMPUTED), {int(r): f for r, f in e.get("fractions", {}).items()})
+                       e.get("decision", COMPUTED), e.get("forced_by"),
+                       {int(r): f for r, f in e.get("fractions", {}).items()})
             for e in data["evaluations"]])
 
     def to_dict(self) -> dict:
@@ -72,7 +74,8 @@ class Trace:
             "rows": list(self.rows),
             "evaluations": [
                 {"index": ev.index, "sigma": ev.sigma, "step": ev.step, "decision": ev.decision,
-                 "indicator": ev.indicator, "actions": list(ev.actions), "fractions": dict(ev.fractions)}
+                 "indicator": ev.indicator, "actions": list(ev.actions), "forced_by": ev.forced_by,
+                 "fractions": dict(ev.fractions)}
                 for ev in self.evaluations
             ],
         }

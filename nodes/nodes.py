@@ -13,6 +13,7 @@ import folder_paths
 
 from ..cache_core import (FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES, SITE_KINDS, TOKEN_SELECTIONS,
                           CacheConfig, ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy, render_map)
+from .adapters import HostDrift
 from .integration import SETUP_KEY, CacheHandle, install
 
 CachePolicy = io.Custom("CACHE_POLICY")
@@ -174,11 +175,11 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to sample with feature caching."),
                 io.Combo.Input("site", options=list(SITE_KINDS), default="span",
                                tooltip="model: the whole model's output (any architecture); span: the blocks between "
-                                       "the probe and corrector blocks as one residual; blocks: each block on its own "
-                                       "(Flux, Wan)."),
+                                       "the probe and corrector blocks as one residual (on SD1.5/SDXL U-Nets: DeepCache, the deep "
+                                       "branch below probe_blocks); blocks: each block on its own (DiT families)."),
                 io.Int.Input("probe_blocks", default=1, min=0, max=200,
                              tooltip="Block sites only: first blocks always computed (Fn); their residual is the "
-                                     "first_block policy's indicator."),
+                                     "first_block policy's indicator. U-Nets: the shallow blocks kept on each side."),
                 io.Int.Input("corrector_blocks", default=0, min=0, max=200,
                              tooltip="Block sites only: last blocks always computed (Bn)."),
                 io.Combo.Input("cache_device", options=["compute", "cpu"], default="compute",
@@ -202,7 +203,12 @@ class ApplyFeatureCacheNode(io.ComfyNode):
         config = _build(CacheConfig, policy=policy or TeaCache(), forecaster=forecaster or ForecasterConfig(),
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
                         memory_budget_mb=memory_budget_mb)
-        return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
+        try:
+            return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
+        except (ValueError, HostDrift) as error:  # raised before sampling (model, site, host), with what to do instead
+            message = str(error)
+            prefixed = message if message.startswith("Feature cache:") else f"Feature cache: {message}"
+            raise type(error)(prefixed) from None
 
 
 class CacheMapNode(io.ComfyNode):

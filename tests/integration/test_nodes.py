@@ -58,6 +58,21 @@ def test_unsupported_architecture_names_supported_families_and_the_model_site(pr
     assert "Flux" in str(error.value) and "Wan" in str(error.value) and "'model' site" in str(error.value)
 
 
+def test_host_drift_fails_before_sampling_naming_attribute_family_and_version(product, models):
+    integration, adapters, core = product("nodes.integration"), product("nodes.adapters"), product("cache_core")
+    wan = models["wan"][0]
+    diffusion_model = wan.model.diffusion_model
+    blocks = diffusion_model._modules.pop("blocks")  # a host whose Wan class renamed its block list
+    try:
+        with pytest.raises(adapters.HostDrift) as error:
+            integration.install(wan, core.CacheConfig(site=core.Site("span")), integration.CacheHandle())
+    finally:
+        diffusion_model._modules["blocks"] = blocks
+    message = str(error.value)
+    assert "'blocks'" in message and "Wan" in message and integration.host_version() in message
+    assert integration.host_version()[0].isdigit()
+
+
 def test_cache_map_returns_the_map_image_and_saves_the_report(host, paths):
     graph = with_cache(flux_graph(paths, steps=6), policy={"method": "fixed", "threshold": 2.0},
                        apply={"site": "span", "probe_blocks": 1, "corrector_blocks": 1})
@@ -99,3 +114,13 @@ def test_the_frontend_extension_is_registered_with_the_host(host):
     with open(os.path.join(web, "feature_cache.js")) as f:
         source = f.read()
     assert "feature_cache.progress" in source and "addDOMWidget" in source
+
+
+def test_unet_blocks_site_and_depth_errors_say_what_works(product):
+    from benchmarks import coverage
+    integration, adapters, core = product("nodes.integration"), product("nodes.adapters"), product("cache_core")
+    unet = coverage.build(coverage.FAMILIES["SD1.5 U-Net"])
+    with pytest.raises(adapters.UnsupportedModel, match="'span' site.*or 'model'"):
+        integration.install(unet, core.CacheConfig(site=core.Site("blocks", probe_blocks=1)), integration.CacheHandle())
+    with pytest.raises(ValueError, match="between 1 and"):
+        integration.install(unet, core.CacheConfig(site=core.Site("span", probe_blocks=0)), integration.CacheHandle())

@@ -34,7 +34,8 @@ class TinyDiT:
             return out
         return run
 
-    def __call__(self, img, txt, sigma, uuids, hook=None):
+    def __call__(self, img, txt, sigma, uuids, hook=None, control=None):
+        """`control`: per double block, added in place to img after the block (as Flux adds ControlNet residuals)."""
         def through(kind, i, args):
             run = self._block(kind, i, sigma)
             return hook(kind, i, args, run, uuids, sigma) if hook else run(args)
@@ -42,6 +43,8 @@ class TinyDiT:
         for i in range(2):
             out = through("double", i, {"img": img, "txt": txt})
             img, txt = out["img"], out["txt"]
+            if control is not None:
+                img += control[i]
         h = torch.cat([txt, img], dim=1)
         for i in range(3):
             h = through("single", i, {"img": h})["img"]
@@ -95,15 +98,8 @@ def test_fixed_interval_computes_exactly_the_traced_evaluations_and_skips_block_
     assert run.report()["compute_fraction"] == pytest.approx((3 * 5 + 3 * 1) / 30)
 
 
-def test_filled_span_adds_the_cached_residual_to_its_input():
-    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span", corrector_blocks=3))
-    model = TinyDiT()
-    run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
-    runner = BlockRunner(run, config.site.plan(LAYOUT), STREAMS)
-    img, txt = _inputs()
-    plain_first = model(img, txt, 1.0, ["c", "u"])  # residual of the double span at sigma 1.0
-    model(img, txt, 1.0, ["c", "u"], runner)
-    img2 = img + 1.0
+def _record_block_inputs(model) -> dict:
+    """From now on, the "img" input each block of `model` first receives, by (kind, index)."""
     seen = {}
     real = model._block
 
@@ -114,6 +110,23 @@ def test_filled_span_adds_the_cached_residual_to_its_input():
             return run_block(args)
         return wrapped
     model._block = spy
+    return seen
+
+
+def _double_span_every_other_step():
+    """The two double blocks as one cached span (the singles always computed), filled every other step."""
+    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span", corrector_blocks=3))
+    run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
+    return TinyDiT(), run, BlockRunner(run, config.site.plan(LAYOUT), STREAMS)
+
+
+def test_filled_span_adds_the_cached_residual_to_its_input():
+    model, run, runner = _double_span_every_other_step()
+    img, txt = _inputs()
+    plain_first = model(img, txt, 1.0, ["c", "u"])  # residual of the double span at sigma 1.0
+    model(img, txt, 1.0, ["c", "u"], runner)
+    img2 = img + 1.0
+    seen = _record_block_inputs(model)
     model(img2, txt, 0.8, ["c", "u"], runner)
     # the first corrector (single 0) received cat(txt + R_txt, img2 + R_img) with R from sigma 1.0
     d = TinyDiT()
@@ -123,6 +136,27 @@ def test_filled_span_adds_the_cached_residual_to_its_input():
     expected = torch.cat([txt + (a["txt"] - txt), img2 + (a["img"] - img)], dim=1)
     assert torch.allclose(seen[("single", 0)], expected)
     assert plain_first.shape == img.shape
+
+
+def test_additions_between_blocks_stay_outside_the_cached_residual():
+    """A filled span gets the current step's control residuals, not the ones of the step it was cached at."""
+    model, run, runner = _double_span_every_other_step()
+    img, txt = _inputs()
+    g = torch.Generator().manual_seed(5)
+    old = [torch.randn(img.shape, generator=g) for _ in range(2)]
+    new = [torch.randn(img.shape, generator=g) for _ in range(2)]
+    model(img, txt, 1.0, ["c", "u"], runner, control=old)
+    img2 = img + 1.0
+    seen = _record_block_inputs(model)
+    model(img2, txt, 0.8, ["c", "u"], runner, control=new)
+    assert run.trace.evaluations[1].decision == REUSED
+    d = TinyDiT()  # the double span's own residual at sigma 1.0, control excluded
+    a = d._block("double", 0, 1.0)({"img": img.clone(), "txt": txt.clone()})
+    a["img"] = a["img"] + old[0]
+    a = d._block("double", 1, 1.0)(a)
+    blocks_residual = a["img"] - img - old[0]
+    expected_img = img2 + blocks_residual + new[0] + new[1]
+    assert torch.allclose(seen[("single", 0)][:, txt.shape[1]:], expected_img, atol=1e-6)
 
 
 @pytest.mark.parametrize("site", [Site("span", probe_blocks=1), Site("blocks", probe_blocks=1, corrector_blocks=1)])
