@@ -144,9 +144,9 @@ class CacheRun:
             ev.indicator = value
             ev.decision = COMPUTED if compute else self.fill_action
             ev.forced_by = forced_by
+            self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
         if forced_by:
             return True
-            self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
         if self.decision is None:  # the reference conditioning has not been seen in this evaluation
             return True
         if self.decision or not self._has_caches(keys, self.uuids):
