@@ -97,10 +97,8 @@ def install(model, config: CacheConfig, handle: CacheHandle):
                 "choose another Cache Forecaster method")
         # per-family defaults (TeaCache's polynomial, DiCache's gain clip) apply to the block indicators
         config = dataclasses.replace(config, policy=config.policy.for_family(adapter.key))
-    if config.tokens is not None:
-        raise NotImplementedError(
-            "token-level partial recompute (Cache Token Ratio) is not available in this version yet; "
-            "disconnect the tokens input")
+        if config.tokens is not None:
+            adapter.token_layouts()  # raises, naming the block kinds, when the adapter cannot gather tokens
     model = model.clone()
     model.model_options["transformer_options"][SETUP_KEY] = CacheSetup(config, adapter, layout, handle)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
@@ -174,7 +172,8 @@ class _RunContext:
         elif setup.adapter is not None:
             adapter = setup.adapter
             self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
-                                      self._modulated_input if adapter.modulated_input else None, self._token_grid)
+                                      self._modulated_input if adapter.modulated_input else None, self._token_grid,
+                                      adapter.token_layouts() if setup.config.tokens is not None else None)
 
     def _token_grid(self, kind, stream):
         return self.setup.adapter.token_grid(kind, stream, self.latent_shape, self.patch)

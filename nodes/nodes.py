@@ -158,20 +158,34 @@ class CacheTokenRatioNode(io.ComfyNode):
             node_id="FeatureCacheTokenRatio",
             display_name="Cache Token Ratio",
             category=CATEGORY,
-            description="Token-level partial recompute on cached steps (ToCa / ClusCa). Not applied by this version yet.",
+            description="Token-level partial recompute (ToCa / DuCa / ClusCa): on evaluations the policy fills, a "
+                        "fraction of the image tokens is recomputed through the cached blocks, the rest is filled. "
+                        "Needs the 'span' or 'blocks' site.",
             inputs=[
                 io.Combo.Input("selection", options=list(TOKEN_SELECTIONS), default="score",
-                               tooltip="score: most-changed tokens (ToCa); cluster: one token per cluster (ClusCa); random."),
+                               tooltip="score (ToCa): tokens whose input changed most since their last compute, and "
+                                       "the longest cached; cluster (ClusCa): spread over k-means clusters of the "
+                                       "tokens, their update shared within each cluster (see gamma); random: a "
+                                       "baseline."),
                 io.Float.Input("ratio", default=0.25, min=0.01, max=1.0, step=0.01,
-                               tooltip="Fraction of tokens recomputed on cached steps."),
-                io.Int.Input("clusters", default=16, min=1, max=256, tooltip="Cluster count for 'cluster' selection."),
+                               tooltip="Fraction of the image tokens recomputed on a partial evaluation."),
+                io.Int.Input("clusters", default=16, min=1, max=256,
+                             tooltip="'cluster' selection: the number of k-means clusters; at most the number of "
+                                     "tokens recomputed (ratio x image tokens)."),
+                io.Float.Input("gamma", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="'cluster' selection: the other tokens of a cluster take gamma times the mean "
+                                       "update of its recomputed tokens (0 = plain fill for them)."),
+                io.Boolean.Input("alternate", default=False,
+                                 tooltip="DuCa: filled evaluations alternate between a partial recompute and a plain "
+                                         "fill (faster), starting with a partial one."),
             ],
             outputs=[CacheTokens.Output(display_name="tokens")],
         )
 
     @classmethod
-    def execute(cls, selection, ratio, clusters):
-        return io.NodeOutput(_build(TokenConfig, selection=selection, ratio=ratio, clusters=clusters))
+    def execute(cls, selection, ratio, clusters, gamma, alternate):
+        return io.NodeOutput(_build(TokenConfig, selection=selection, ratio=ratio, clusters=clusters, gamma=gamma,
+                                    alternate=alternate))
 
 
 class ApplyFeatureCacheNode(io.ComfyNode):
@@ -203,7 +217,8 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 CacheForecaster.Input("forecaster", optional=True,
                                       tooltip=f"Default: the recommended forecaster ({RECOMMENDED_FORECASTER.label}); "
                                               "dicache: taylor 1 (its aligned fill)."),
-                CacheTokens.Input("tokens", optional=True, tooltip="Token-level partial recompute (not available yet)."),
+                CacheTokens.Input("tokens", optional=True,
+                                  tooltip="Token-level partial recompute on filled evaluations (span or blocks site)."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],

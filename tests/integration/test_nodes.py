@@ -38,12 +38,13 @@ def test_out_of_range_order_is_rejected_by_validation(host, paths):
         host.execute(graph)
 
 
-def test_token_ratio_is_validated_and_not_silently_ignored(host, paths):
+def test_token_ratio_out_of_range_is_rejected_by_validation(host, paths):
     graph = with_cache(wan_graph(paths, steps=2))
-    graph["tokens"] = {"class_type": "FeatureCacheTokenRatio", "inputs": {"selection": "cluster", "ratio": 0.3,
-                                                                          "clusters": 8}}
+    graph["tokens"] = {"class_type": "FeatureCacheTokenRatio", "inputs": {"selection": "score", "ratio": 0.0,
+                                                                          "clusters": 8, "gamma": 0.01,
+                                                                          "alternate": False}}
     graph["cache_apply"]["inputs"]["tokens"] = ["tokens", 0]
-    with pytest.raises(RuntimeError, match="not available"):
+    with pytest.raises(ValueError, match="ratio"):
         host.execute(graph)
 
 
