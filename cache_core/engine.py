@@ -2,8 +2,8 @@
 
 Decisions are taken once per model evaluation from one reference conditioning (the first uuid of
 the run), so cond and uncond batched together or run in separate calls take the same decisions.
-A per-segment policy takes one decision per cached segment instead, each with its own state: the
-same path, keyed by the segment's scope (None for an evaluation-wide decision).
+A per-segment policy takes one decision per cached segment instead, each with its own state and
+gate: the same path, keyed by the segment's scope (None for an evaluation-wide decision).
 Caches are kept per conditioning uuid and per key (a block segment or the whole model).
 """
 from __future__ import annotations
@@ -17,12 +17,13 @@ import torch
 from .cfg import CfgBranchCache
 from .forecasters import ForecasterConfig
 from .grid import TokenGrid, grid_for
-from .policies import NO_INDICATOR, PROBE_RESIDUAL, PROGRESS, FixedInterval, Policy, Scope
+from .policies import NO_INDICATOR, PROBE_INDICATORS, PROGRESS, FixedInterval, Policy, Scope
 from .sites import Site
-from .tokens import TokenConfig
-from .trace import COMPUTED, FORECAST, REJECTED, REUSED, Trace
+from .tokens import TokenConfig, TokenState
+from .trace import COMPUTED, FORECAST, PARTIAL, REJECTED, REUSED, Trace
 
 log = logging.getLogger("FeatureCache")
+BUDGET_TOLERANCE = 0.05
 # A fill's forecast must have a norm within [min / GUARD_BAND, max * GUARD_BAND] of the norms of the
 # values computed for it so far; outside (or not finite) it is an overshoot and reuse replaces it.
 GUARD_BAND = 2.0
@@ -39,14 +40,16 @@ class CacheConfig:
     cfg_refresh: int = 0  # CFG-branch cache: both branches computed every cfg_refresh evaluations; 0: off
 
     def __post_init__(self):
-        if self.policy.indicator == PROBE_RESIDUAL and self.site.probe_blocks < 1:
+        if self.policy.indicator in PROBE_INDICATORS and self.site.probe_blocks < 1:
             raise ValueError(
-                f"the '{self.policy.method}' policy reads the residual of probe blocks: use the 'span' or 'blocks' "
-                "site with probe_blocks >= 1")
+                f"the '{self.policy.method}' policy reads the always-computed probe blocks, which the "
+                f"'{self.site.kind}' site with probe_blocks {self.site.probe_blocks} does not have: on Apply Feature "
+                "Cache set site to 'span' or 'blocks' with probe_blocks >= 1")
         if self.memory_budget_mb < 0:
             raise ValueError("memory_budget_mb must be >= 0 (0 means unlimited)")
         if self.tokens is not None and not self.site.uses_blocks:
-            raise ValueError("token-level recompute needs a block site ('span' or 'blocks'), not 'model'")
+            raise ValueError("token-level recompute (the tokens input) needs a block site: choose site 'span' or "
+                             "'blocks', not 'model', or disconnect the tokens input")
         policy = self.policy
         if (policy.per_segment or policy.verifies) and not self.site.uses_blocks:
             what = "decides per block" if policy.per_segment else "verifies its drafts on one computed block"
@@ -63,6 +66,7 @@ class CacheConfig:
             "site": self.site.kind,
             "probe_blocks": self.site.probe_blocks,
             "corrector_blocks": self.site.corrector_blocks,
+            "tokens": None if self.tokens is None else self.tokens.label,
             "cfg_refresh": self.cfg_refresh,
         }
 
@@ -83,12 +87,25 @@ class CacheRun:
         self.notes: list[str] = []
         self.peak_bytes = 0
         self.over_budget = False
+        self._budget_noted = False
         self.guarded_fills = 0
         self.guard_computes = 0
         self._reset_state()
 
+    @property
+    def fill_cost(self) -> float:
+        """Share of the block work a filled evaluation still does (the probe and corrector blocks)."""
+        site = self.config.site
+        return (site.probe_blocks + site.corrector_blocks) / len(self.trace.rows) if site.uses_blocks else 0.0
+
+    @property
+    def steps(self) -> int:
+        return max(1, len(self.schedule) - 1)
+
     def _reset_state(self):
         self.policy_states: dict = {}  # scope -> PolicyState (scope None: the evaluation-wide decision)
+        self.gates: dict = {}  # scope -> its gate (threshold or budget controller)
+        self.gate = self._gate(None)
         self.forecasters: dict = {}
         self.norm_bands: dict = {}  # (key, uuid) -> (min, max) norm of its computed values, 0-dim tensors
         self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
@@ -103,6 +120,7 @@ class CacheRun:
         self.pending_verification = False  # a fresh draft of the current evaluation awaits `verify`
         self.uuids: list = []
         self.cfg = CfgBranchCache(self.config.cfg_refresh) if self.config.cfg_refresh else None
+        self.tokens = TokenState(self.config.tokens) if self.config.tokens is not None else None
 
     # -- calls and evaluations -------------------------------------------------------------
     def begin_call(self, uuids: list, sigma: float, sample: torch.Tensor) -> None:
@@ -141,20 +159,31 @@ class CacheRun:
     def _forced(self, scope) -> bool:
         ev = self.trace.evaluations[-1]
         policy = self.config.policy
+        share = self._gate(scope).compute_share
         return (self.over_budget
                 or ev.index < policy.warmup_steps
+                or ev.step < int(policy.effective_retention(share) * self.steps)
                 or not (self.active_high >= ev.sigma > self.active_low)
-                or (policy.max_consecutive > 0 and self.consecutive_fills.get(scope, 0) >= policy.max_consecutive))
+                or 0 < policy.effective_max_consecutive(share) <= self.consecutive_fills.get(scope, 0))
 
     def _progress(self) -> torch.Tensor:
-        steps = len(self.schedule) - 1
-        return torch.tensor(self.trace.evaluations[-1].step / max(1, steps - 1))
+        return torch.tensor(self.trace.evaluations[-1].step / max(1, self.steps - 1))
 
     def _state(self, scope: Optional[Scope]):
         if scope not in self.policy_states:
             policy = self.config.policy
-            self.policy_states[scope] = policy.new_state() if scope is None else policy.new_state(scope)
+            self.policy_states[scope] = policy.new_state(scope) if policy.per_segment else policy.new_state()
         return self.policy_states[scope]
+
+    @property
+    def policy_state(self):
+        """The evaluation-wide policy state (per-segment policies keep one per segment)."""
+        return self._state(None)
+
+    def _gate(self, scope: Optional[Scope]):
+        if scope not in self.gates:
+            self.gates[scope] = self.config.policy.new_gate(self.steps, self.fill_cost)
+        return self.gates[scope]
 
     def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]],
                scope: Optional[Scope] = None, forced_by: Optional[str] = None) -> bool:
@@ -170,7 +199,12 @@ class CacheRun:
             kind = policy.indicator
             value_in = None if kind == NO_INDICATOR else self._progress() if kind == PROGRESS else indicator(kind)
             forced = bool(forced_by) or self._forced(scope) or not self._has_caches(keys, [self.ref_uuid])
-            compute, value = self._state(scope).decide(value_in, forced)
+            state, gate = self._state(scope), self._gate(scope)
+            value = state.measure(ev.sigma, value_in)
+            gate.count()
+            compute = forced or value is None or gate.wants_compute(value, ev.step)
+            gate.record(value, compute)
+            state.decided(compute)
             self.decisions[scope] = compute
             self.indicators[scope] = value_in
             if scope is None or ev.indicator is None:
@@ -189,15 +223,21 @@ class CacheRun:
             return False
         self.guard_computes += 1
         if self.ref_uuid in self.uuids:  # no safe fill: this decision computes after all
-            self.decisions[scope] = True
-            self.pending_verification = False
-            self._record(scope, True)
+            self._overrule(scope)
         return True
 
     def _record(self, scope, compute: bool) -> None:
         ev = self.trace.evaluations[-1]
         ev.decision = COMPUTED if all(self.decisions.values()) else self.fill_action
         self.consecutive_fills[scope] = 0 if compute else self.consecutive_fills.get(scope, 0) + 1
+
+    def _overrule(self, scope) -> None:
+        """A fill decision that turned into a compute (no safe fill, a rejected draft)."""
+        self._gate(scope).overruled()
+        self._state(scope).decided(True)
+        self.decisions[scope] = True
+        self.pending_verification = False
+        self._record(scope, True)
 
     def verify(self, error: float) -> bool:
         """A verifying policy's check of the pending draft: `error` is the verified block's relative output
@@ -206,8 +246,7 @@ class CacheRun:
         accepted = self._state(None).accept(error)
         self.trace.evaluations[-1].indicator = error
         if not accepted:
-            self.decisions[None] = True
-            self._record(None, True)
+            self._overrule(None)
         return accepted
 
     def _prepare_fills(self, keys) -> bool:
@@ -215,7 +254,9 @@ class CacheRun:
         the band of the computed values' norms, makes its key fill with the last computed value for every
         conditioning of the evaluation (cond and uncond filled alike, so CFG does not amplify a difference).
         False when some value has no safe fill (its last computed value is not finite either)."""
-        self.prepared = {(k, u): self.forecasters[(k, u)].predict(self.sigma) for k in keys for u in self.uuids}
+        times = self.policy_states.get(None)  # DiCache remaps the fill time; per-segment policies do not
+        self.prepared = {(k, u): self.forecasters[(k, u)].predict(
+            times.fill_time(u, self.sigma) if times else self.sigma) for k in keys for u in self.uuids}
         checks = []
         for slot, forecast in self.prepared.items():
             norm = forecast.float().norm()
@@ -235,10 +276,38 @@ class CacheRun:
             self.guarded_fills += 1
         return True
 
-    def computed(self, output_ref: torch.Tensor) -> None:
-        """Feed the policy the reference chunk's output of a computed evaluation."""
+    def token_selection(self, compute: bool, features: torch.Tensor) -> Optional[torch.Tensor]:
+        """Token indices this call's cached segments recompute on a partial evaluation (None: compute or fill
+        whole). `features` [B, N, C]: the image tokens at the first cached block."""
+        if self.tokens is None:
+            return None
+        ev = self.trace.evaluations[-1]
+        partial = not compute and self.tokens.partial_step(self.consecutive_fills.get(None, 0))
+        if partial and self.ref_uuid in self.uuids:
+            ev.decision = PARTIAL
+        reference = self.uuids.index(self.ref_uuid) if self.ref_uuid in self.uuids else -1
+        index = self.tokens.select(features, self.uuids, ev.index, compute, partial, reference)
+        self.account_tokens()
+        return index
+
+    def account_tokens(self) -> None:
+        """Token memory (per-token inputs, fill corrections) counts towards the peak cache bytes."""
+        self.peak_bytes = max(self.peak_bytes, self.cache_bytes + self.tokens.nbytes)
+
+    def computed(self, output_ref: torch.Tensor, residual_ref: torch.Tensor) -> None:
+        """Feed the policy the reference chunk's output and residual of a computed evaluation."""
         if self.ref_uuid in self.uuids and self.decisions.get(None):
-            self._state(None).computed(self.indicators[None], output_ref)
+            self._state(None).computed(self.sigma, self.indicators[None], output_ref, residual_ref)
+
+    def observe_probe(self, residual: torch.Tensor) -> None:
+        """The probe blocks' residual of every conditioning of the call, before the decision (fills read it)."""
+        for i, uuid in enumerate(self.uuids):
+            self._state(None).observe_probe(uuid, chunk(residual, len(self.uuids), i))
+
+    def probe_computed(self) -> None:
+        """The call computes: its observed probe residuals belong to computed points."""
+        for uuid in self.uuids:
+            self._state(None).probe_computed(uuid, self.sigma)
 
     def evaluation_computed(self) -> bool:
         """Whether the latest evaluation ran its cached blocks (all of them) rather than filling them."""
@@ -258,8 +327,8 @@ class CacheRun:
     def fill_action(self) -> str:
         return REUSED if self.config.forecaster.is_reuse else FORECAST
 
-    def mark(self, row: int, action: str) -> None:
-        self.trace.mark(row, action)
+    def mark(self, row: int, action: str, fraction: Optional[float] = None) -> None:
+        self.trace.mark(row, action, fraction)
 
     # -- caches --------------------------------------------------------------------------
     def _has_caches(self, keys, uuids) -> bool:
@@ -314,6 +383,14 @@ class CacheRun:
 
     def report(self) -> dict:
         fraction = self.trace.compute_fraction()
+        budget = self.gate.budget
+        feature_fraction = self.trace.compute_fraction(with_shares=False)  # the budget is the feature cache's
+        if budget is not None and abs(feature_fraction - budget) > BUDGET_TOLERANCE and not self._budget_noted:
+            self._budget_noted = True
+            self._note(f"compute fraction {feature_fraction:.3f} missed the budget {budget:.3f}: forced computes "
+                       "(warmup, "
+                       "retention, start/end, max consecutive, policy needing data) or the always-computed probe/"
+                       "corrector blocks set a floor above it, or the run's evaluations differed from the schedule's")
         decisions = [ev.decision for ev in self.trace.evaluations]
         notes = list(self.notes)
         if self.guarded_fills:
@@ -327,9 +404,11 @@ class CacheRun:
             "evaluations": len(decisions),
             "evaluations_computed": sum(d == COMPUTED for d in decisions),
             "evaluations_filled": sum(d != COMPUTED for d in decisions),
+            "evaluations_partial": sum(d == PARTIAL for d in decisions),
             "evaluations_rejected": sum(REJECTED in ev.actions for ev in self.trace.evaluations),
             "evaluations_cfg_filled": sum(ev.share < 1.0 for ev in self.trace.evaluations),
             "cells": self.trace.counts(),
+            "budget": self.gate.budget,
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
             "peak_cache_bytes": self.peak_bytes + (self.cfg.nbytes if self.cfg else 0),

@@ -52,7 +52,7 @@ class SkipBranch:
         self.run.store(BRANCH_KEY, out)
         reference = self.run.reference_chunk(out)
         if reference is not None:
-            self.run.computed(reference)
+            self.run.computed(reference, reference)  # the branch output is what is cached
         return out
 
     def filled_exit(self, like: torch.Tensor) -> torch.Tensor:

@@ -4,15 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
-
 COMPUTED = "computed"
 REUSED = "reused"
 FORECAST = "forecast"
 PARTIAL = "partial"
 REJECTED = "rejected"  # a draft checked against this block's real output and refused: the block was computed
 ACTIONS = (COMPUTED, REUSED, FORECAST, PARTIAL, REJECTED)
-WORK = {COMPUTED: 1.0, REJECTED: 1.0}  # full-equivalent work of a cell per action (fills cost nothing)
+WORK = (COMPUTED, REJECTED)  # cells whose block ran in full
 
 
 @dataclass
@@ -23,8 +21,9 @@ class Evaluation:
     actions: list
     indicator: Optional[float] = None
     decision: str = COMPUTED
-    share: float = 1.0  # the part of the batch the model ran for (CFG-branch cache: the positive branch only)
     forced_by: Optional[str] = None  # why this evaluation had to be computed, when not the policy's choice
+    share: float = 1.0  # the part of the batch the model ran for (CFG-branch cache: the positive branch only)
+    fractions: dict = field(default_factory=dict)  # row -> fraction of its work a partial cell did
 
 
 @dataclass
@@ -37,22 +36,25 @@ class Trace:
         self.evaluations.append(ev)
         return ev
 
-    def mark(self, row: int, action: str) -> None:
-        """Record the action of a row in the current evaluation; a compute in any call wins over a fill,
-        and a rejected draft stays visible when another call computes the same block."""
-        actions = self.evaluations[-1].actions
-        if actions[row] not in WORK:
-            actions[row] = action
+    def mark(self, row: int, action: str, fraction: Optional[float] = None) -> None:
+        """Record the action of a row in the current evaluation; a compute in any call wins over a fill, and
+        a rejected draft stays visible when another call computes the block. A partial cell records the
+        fraction of the row's work it did."""
+        ev = self.evaluations[-1]
+        if ev.actions[row] not in WORK:
+            ev.actions[row] = action
+            if action == PARTIAL:
+                ev.fractions[row] = fraction
 
     def computed_evaluations(self) -> list[int]:
         return [ev.index for ev in self.evaluations if ev.decision == COMPUTED]
 
-    def compute_fraction(self) -> float:
-        """Full-equivalent block evaluations / all: computed and rejected cells count, scaled by the batch share."""
-        cells = [(a, ev.share) for ev in self.evaluations for a in ev.actions if a is not None]
-        if not cells:
-            return 1.0
-        return sum(WORK.get(a, 0.0) * share for a, share in cells) / len(cells)
+    def compute_fraction(self, with_shares: bool = True) -> float:
+        """Full-equivalent cell computations / cells: a partial cell counts at its recorded fraction, every
+        cell of an evaluation at the share of the batch the model ran for (`with_shares`)."""
+        work = [(ev.share if with_shares else 1.0) * (1.0 if a in WORK else ev.fractions[r] if a == PARTIAL else 0.0)
+                for ev in self.evaluations for r, a in enumerate(ev.actions) if a is not None]
+        return sum(work) / len(work) if work else 1.0
 
     def counts(self) -> dict:
         out = {a: 0 for a in ACTIONS}
@@ -66,7 +68,8 @@ class Trace:
     def from_dict(cls, data: dict) -> "Trace":
         return cls(list(data["rows"]), [
             Evaluation(e["index"], e["sigma"], e["step"], list(e["actions"]), e.get("indicator"),
-                       e.get("decision", COMPUTED), e.get("share", 1.0), e.get("forced_by"))
+                       e.get("decision", COMPUTED), e.get("forced_by"), e.get("share", 1.0),
+                       {int(r): f for r, f in e.get("fractions", {}).items()})
             for e in data["evaluations"]])
 
     def to_dict(self) -> dict:
@@ -74,32 +77,9 @@ class Trace:
             "rows": list(self.rows),
             "evaluations": [
                 {"index": ev.index, "sigma": ev.sigma, "step": ev.step, "decision": ev.decision,
-                 "indicator": ev.indicator, "share": ev.share, "actions": list(ev.actions), "forced_by": ev.forced_by}
+                 "indicator": ev.indicator, "actions": list(ev.actions), "forced_by": ev.forced_by, "share": ev.share,
+                 "fractions": dict(ev.fractions)}
                 for ev in self.evaluations
             ],
         }
 
-
-_COLORS = {
-    None: (40, 40, 40),
-    COMPUTED: (220, 70, 60),
-    REUSED: (70, 130, 220),
-    FORECAST: (80, 190, 110),
-    PARTIAL: (230, 180, 60),
-    REJECTED: (170, 60, 200),
-}
-
-
-def render_map(trace: Trace, cell: int = 8) -> np.ndarray:
-    """Step x layer grid as an RGB uint8 image: columns are evaluations, rows are blocks (top = first)."""
-    n_rows, n_cols = max(1, len(trace.rows)), max(1, len(trace.evaluations))
-    grid = np.zeros((n_rows, n_cols, 3), dtype=np.uint8)
-    grid[:] = _COLORS[None]
-    for c, ev in enumerate(trace.evaluations):
-        for r, action in enumerate(ev.actions):
-            grid[r, c] = _COLORS[action]
-    image = grid.repeat(cell, axis=0).repeat(cell, axis=1)
-    if cell >= 4:  # thin separators keep single cells readable
-        image[::cell, :, :] //= 2
-        image[:, ::cell, :] //= 2
-    return image

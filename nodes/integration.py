@@ -12,8 +12,10 @@ runs the negative branch only on refresh steps.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import inspect
 import logging
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,12 +23,13 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
-from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED, TokenGrid
+from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED, MagCache, TokenGrid
 from ..cache_core.sites import SPAN
 from ..cache_core.skip_branch import SkipBranch
 from .adapters import (FORWARD, REPLACE, SKIP_BRANCH, Adapter, BlockKind, UnsupportedModel, adapter_for,
                        check_host)
-from .progress import send, with_progress
+from . import progress
+from .calibration_store import calibrated_policy, save_calibration
 
 WRAPPER_KEY = "feature_cache"
 SETUP_KEY = "feature_cache_setup"
@@ -94,10 +97,10 @@ def install(model, config: CacheConfig, handle: CacheHandle):
                 f"Feature cache: the '{config.forecaster.kind}' forecaster needs the image-token grid of the blocks, "
                 f"which the {adapter.family} adapter does not describe: set Apply Feature Cache's site to 'model' or "
                 "choose another Cache Forecaster method")
-    if config.tokens is not None:
-        raise NotImplementedError(
-            "token-level partial recompute (Cache Token Ratio) is not available in this version yet; "
-            "disconnect the tokens input")
+        # per-family defaults (TeaCache's polynomial, DiCache's gain clip) apply to the block indicators
+        config = dataclasses.replace(config, policy=config.policy.for_family(adapter.key))
+        if config.tokens is not None:
+            adapter.token_layouts()  # raises, naming the block kinds, when the adapter cannot gather tokens
     model = model.clone()
     model.model_options["transformer_options"][SETUP_KEY] = CacheSetup(config, adapter, layout, handle)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
@@ -121,25 +124,35 @@ def _outer_sample(executor, *args, **kwargs):
     original_options = guider.model_options
     setup: CacheSetup = original_options["transformer_options"][SETUP_KEY]
     sigmas = args[3]
-    policy = setup.config.policy
+    config, notes = setup.config, []
+    if isinstance(config.policy, MagCache) and config.policy.calibrating:
+        policy, calibration = calibrated_policy(config.policy, guider.model_patcher, args[2], sigmas.tolist())
+        config, notes = dataclasses.replace(config, policy=policy), [calibration.message]
+    policy = config.policy
     sampling = guider.model_patcher.model.model_sampling
     active = (sampling.percent_to_sigma(policy.start_percent), sampling.percent_to_sigma(policy.end_percent))
-    run = CacheRun(setup.config, setup.rows, sigmas.tolist(), active)
+    run = CacheRun(config, setup.rows, sigmas.tolist(), active)
+    run.notes.extend(notes)
     options = comfy.model_patcher.create_model_options_clone(original_options)
     options["transformer_options"][RUN_KEY] = _RunContext(run, setup, guider.model_patcher.model.diffusion_model)
     guider.model_options = options
+    stream = progress.start(run, setup.handle.node_id)
     args = list(args)
-    args[5] = with_progress(args[5], run, setup.handle.node_id)  # the step callback
+    args[5] = progress.with_progress(args[5], stream)  # the step callback
+    started = time.perf_counter()
     try:
-        return executor(*args, **kwargs)
+        result = executor(*args, **kwargs)
+        if isinstance(policy, MagCache) and policy.calibrating:  # only a finished run is a calibration
+            run.notes.append(save_calibration(calibration, run.policy_state.recorded))
+        return result
     finally:
         guider.model_options = original_options
         if setup.adapter is not None and not run.trace.evaluations:
             run.notes.append(f"the {setup.adapter.family} model never called its block hooks in ComfyUI "
                              f"{host_version()} (host drift?): nothing was cached")
-        report = run.report()
+        report = {**run.report(), "elapsed_s": time.perf_counter() - started}
         setup.handle.publish(report)
-        send(run, setup.handle.node_id, len(sigmas) - 1, len(sigmas) - 1, done=True)
+        stream.finish(report, len(sigmas) - 1)
         log.info("FeatureCache %s: computed %d/%d evaluations, compute fraction %.3f (ideal speedup %.2fx), "
                  "peak cache %.1f MiB", report["method"], report["evaluations_computed"], report["evaluations"],
                  report["compute_fraction"], report["ideal_speedup"], report["peak_cache_bytes"] / 2**20)
@@ -163,7 +176,8 @@ class _RunContext:
         elif setup.adapter is not None:
             adapter = setup.adapter
             self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
-                                      self._modulated_input if adapter.modulated_input else None, self._token_grid)
+                                      self._modulated_input if adapter.modulated_input else None, self._token_grid,
+                                      adapter.token_layouts() if setup.config.tokens is not None else None)
 
     def _token_grid(self, kind, stream):
         return self.setup.adapter.token_grid(kind, stream, self.latent_shape, self.patch)
@@ -213,7 +227,7 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
         run.store("model", eps, TokenGrid(tuple(x.shape[2:]), channels_first=True) if x.ndim > 2 else None)
         reference = run.reference_chunk(eps)
         if reference is not None:
-            run.computed(reference)
+            run.computed(reference, reference)
         run.mark(0, COMPUTED)
         return denoised
     run.mark(0, run.fill_action)

@@ -17,7 +17,7 @@ from typing import Callable
 from benchmarks import graphs
 from benchmarks.frontier import names
 
-SPEEDS = (0.25, 0.5, 0.75, 1.0)  # fixed: compute every 2nd, 3rd, 5th, 6th step
+SPEEDS = (0.39, 0.6, 0.88, 1.0)  # budgets 0.48, 0.32, 0.19, 0.15 (0.15 ** speed): just past 2x, 3x, 5x, and 6.7x
 QUICK_SPEEDS = (0.6,)
 SLICE_SPEEDS = (0.5,)  # fixed interval 3
 # reuse_threshold sweeps spanning each built-in node's range on the tiny models (EasyCache skips far
@@ -28,7 +28,8 @@ QUICK_COMFY_THRESHOLDS = (0.2,)
 DEFAULT_METHODS = ("default", "fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@blocks", "teacache+reuse@span",
                    "teacache+taylor1@span", "teacache+taylor2@span", "first_block+reuse@span",
                    "easycache+reuse@model", *COMFY_NODES)
-SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks")
+SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks",
+                 "fixed+reuse@span+toca0.25", "fixed+reuse@span+clusca0.25")
 
 
 @dataclasses.dataclass
@@ -124,6 +125,8 @@ def parse_sets(host, items: list) -> dict:
 def our_method(host, name: str, speeds, sets: dict | None = None) -> Method:
     """One of our methods (names.py), swept over `speed` x the `--set` values of the nodes it uses."""
     method = names.parse(host, name)
+    if method.inputs["policy"].get("method") == "magcache":  # its first run of a schedule calibrates: at speed 0
+        speeds = (0.0, *speeds)
     sweep = {("policy", "speed"): list(speeds)}
     sweep.update({key: values for key, values in (sets or {}).items() if key[0] in method.inputs})
 
@@ -145,6 +148,7 @@ def our_method(host, name: str, speeds, sets: dict | None = None) -> Method:
             role_inputs[role].update(values)
         if not method.is_default and "threshold" in role_inputs["policy"]:
             role_inputs["policy"]["threshold"] = -1.0  # the sweep is over speed
+            role_inputs["policy"]["max_consecutive"] = -1  # the method's own default (MagCache's K)
         role, key = names.CFG_INPUT
         if key in role_inputs.get(role, {}) and key not in method.inputs.get(role, {}):
             role_inputs[role][key] = False

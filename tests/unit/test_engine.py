@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from cache_core import (FORECASTER_KINDS, BlockRunner, CacheConfig, CacheRun, FirstBlock, FixedInterval,
-                        ForecasterConfig, Site, TeaCache, TokenConfig, TokenGrid, COMPUTED, REUSED, FORECAST)
+from cache_core import (FORECASTER_KINDS, BlockRunner, CacheConfig, CacheRun, DiCache, FirstBlock, FixedInterval,
+                        ForecasterConfig, MagCache, Site, TeaCache, TokenConfig, TokenGrid, COMPUTED, REUSED, FORECAST)
 
 LAYOUT = [("double", 2), ("single", 3)]
 STREAMS = {"double": ("img", "txt"), "single": ("img",)}
@@ -161,7 +161,7 @@ def test_additions_between_blocks_stay_outside_the_cached_residual():
 
 @pytest.mark.parametrize("site", [Site("span", probe_blocks=1), Site("blocks", probe_blocks=1, corrector_blocks=1)])
 @pytest.mark.parametrize("policy", [TeaCache(speed=0.3, warmup_steps=0), FirstBlock(threshold=0.3, warmup_steps=0),
-                                    FixedInterval(interval=3)])
+                                    FixedInterval(interval=3), DiCache(speed=0.5, max_gain=2.0)])
 def test_batched_and_separate_calls_take_the_same_decisions(site, policy):
     config = CacheConfig(policy=policy, site=site, forecaster=ForecasterConfig("taylor", 1))
     batched, run_b, _ = sample(config)
@@ -171,6 +171,27 @@ def test_batched_and_separate_calls_take_the_same_decisions(site, policy):
     assert any(ev.decision != COMPUTED for ev in run_b.trace.evaluations)
     for a, b in zip(batched, separate):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_dicache_with_gain_one_is_reuse_and_its_gain_moves_the_fill():
+    linear = ForecasterConfig("taylor", 1)
+    site = Site("span", probe_blocks=1)
+    reuse, run, _ = sample(CacheConfig(policy=DiCache(speed=0.2, max_gain=2.0), site=site))
+    unit, _, _ = sample(CacheConfig(policy=DiCache(speed=0.2, max_gain=1.0), site=site, forecaster=linear))
+    aligned, aligned_run, _ = sample(CacheConfig(policy=DiCache(speed=0.2, max_gain=2.0), site=site, forecaster=linear))
+    assert any(ev.decision != COMPUTED for ev in run.trace.evaluations)
+    assert all(torch.equal(a, b) for a, b in zip(reuse, unit))
+    gains = [aligned_run.policy_state.gain(u) for u in ("c", "u")]
+    assert all(1.0 < g <= 2.0 for g in gains)
+    assert not all(torch.equal(a, b) for a, b in zip(reuse, aligned))
+
+
+def test_dicache_and_magcache_read_what_their_site_has():
+    with pytest.raises(ValueError, match="probe_blocks >= 1"):
+        CacheConfig(policy=DiCache(), site=Site("model"))
+    _, run, _ = sample(CacheConfig(policy=MagCache(speed=1.0), site=Site("span", probe_blocks=1)))
+    assert all(ev.decision == COMPUTED for ev in run.trace.evaluations)  # no curve: a calibration run
+    assert len(run.policy_state.recorded) == len(SIGMAS) - 1
 
 
 def test_forecast_fill_is_marked_and_differs_from_reuse():
@@ -241,15 +262,11 @@ def test_cache_core_never_imports_comfyui():
         assert "import comfy" not in text and "from comfy" not in text and "folder_paths" not in text, path
 
 
-def test_trace_round_trips_through_its_dict_and_renders():
-    from cache_core import Trace, render_map
+def test_trace_round_trips_through_its_dict():
+    from cache_core import Trace
     _, run, _ = sample(CacheConfig(policy=FixedInterval(interval=2), site=Site("span", probe_blocks=1)))
     data = run.trace.to_dict()
-    again = Trace.from_dict(data)
-    assert again.to_dict() == data
-    image = render_map(again, cell=4)
-    assert image.shape == (5 * 4, 6 * 4, 3)
-    assert (image[4 * 1 + 2, 4 * 1 + 2] == (70, 130, 220)).all()  # block 1 reused at evaluation 1
+    assert Trace.from_dict(data).to_dict() == data
 
 
 @pytest.mark.parametrize("kind", FORECASTER_KINDS)

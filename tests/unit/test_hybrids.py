@@ -108,8 +108,8 @@ def test_speca_rejects_bad_drafts_and_computes_them(site):
 
 def test_speca_threshold_decays_across_the_schedule():
     policy = SpeCa(speed=1.0, decay=0.25)
-    assert policy.threshold_at(0.0) == pytest.approx(policy.effective_threshold)
-    assert policy.threshold_at(1.0) == pytest.approx(0.25 * policy.effective_threshold)
+    assert policy.threshold_at(0.0) == pytest.approx(policy.tolerance)
+    assert policy.threshold_at(1.0) == pytest.approx(0.25 * policy.tolerance)
 
 
 def test_speca_batched_and_separate_calls_agree():
