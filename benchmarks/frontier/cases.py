@@ -212,7 +212,8 @@ def workflow_case(host, path: str, schedule: Schedule | None = None) -> Case:
         workflow = graphs.resolve_paths(json.load(f), REPO_ROOT)
     applies = [nid for nid, node in workflow.items() if node.get("class_type") == "ApplyFeatureCache"]
     if len(applies) != 1:
-        raise ValueError(f"{path}: a workflow to benchmark needs exactly one ApplyFeatureCache node, found {len(applies)}")
+        raise ValueError(f"{path}: a workflow to benchmark needs exactly one ApplyFeatureCache node, "
+                         f"found {len(applies)}")
     host.add_model_dir(MODELS_DIR)
     schedule = schedule or Schedule()
     runs = schedule.apply_to_workflow(workflow)
