@@ -165,9 +165,10 @@ def test_workflow_sweep(host, paths, tmp_path):
 
 
 def test_bundled_demo_workflow(host, tmp_path):
-    """workflows/api/demo.json loads the bundled tiny Wan by name; sampler flags and seeds apply to it."""
+    """workflows/demo.json (UI format, converted as the frontend queues it) loads the bundled tiny Wan by
+    name; sampler flags and seeds apply to it."""
     out = str(tmp_path / "bench")
-    assert frontier.main(["--quick", "--out", out, "--workflow", os.path.join(REPO_ROOT, "workflows", "api", "demo.json"),
+    assert frontier.main(["--quick", "--out", out, "--workflow", os.path.join(REPO_ROOT, "workflows", "demo.json"),
                           "--steps", "4", "--seeds", "3", "4", "--methods", "fixed+reuse@model"]) == 0
     (record,) = load(out)
     assert record["status"] == "ok", record["error"]
