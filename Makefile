@@ -8,7 +8,7 @@ COMFYUI_TAG := v0.3.64
 COMFYUI_REPO := https://github.com/comfyanonymous/ComfyUI.git
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast test-compat demo bench bench-peers coverage clean
+.PHONY: setup test test-fast test-compat test-browser demo bench bench-peers coverage clean
 
 setup: $(STAMP) .comfyui_path
 
@@ -39,8 +39,17 @@ FORCE:
 
 PYTEST := $(PY) -m pytest -c tests/pytest.ini -q -p no:logging
 
+# The browser test needs Debian's chromium (apt-get install -y chromium); without it `make test` says so and skips it.
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
+
 test: setup
-	$(PYTEST) tests
+	@if [ -z "$(CHROMIUM)" ]; then echo "*** browser test SKIPPED: chromium not found (Debian/Ubuntu: sudo apt-get install -y chromium) ***"; fi
+	$(PYTEST) -rs tests
+	@if [ -z "$(CHROMIUM)" ]; then echo "*** browser test was SKIPPED: chromium not found (Debian/Ubuntu: sudo apt-get install -y chromium) ***"; fi
+
+test-browser: setup
+	@if [ -z "$(CHROMIUM)" ]; then echo "error: chromium not found (Debian/Ubuntu: sudo apt-get install -y chromium)"; exit 1; fi
+	$(PYTEST) -rs tests/browser
 
 test-fast: setup
 	$(PYTEST) tests/unit

@@ -8,13 +8,13 @@ from .policies import POLICIES, DiCache, EasyCache, FirstBlock, FixedInterval, M
 from .recommended import (DEFAULT_METHOD, RECOMMENDED_FORECASTER, RECOMMENDED_PROBE_BLOCKS, RECOMMENDED_SITE,
                           make_policy)
 from .sites import SITE_KINDS, Site
-from .tokens import TOKEN_SELECTIONS, TokenConfig
-from .trace import COMPUTED, FORECAST, REUSED, Trace, render_map
+from .tokens import TOKEN_SELECTIONS, TokenConfig, TokenLayout
+from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace
 
 __all__ = [
     "BlockRunner", "BudgetController", "budget_for_speed", "CacheConfig", "CacheRun", "FORECASTER_KINDS",
     "MAX_TAYLOR_ORDER", "ORDERS", "Forecaster", "ForecasterConfig", "TaylorForecaster", "TokenGrid", "POLICIES",
     "DiCache", "EasyCache", "FirstBlock", "FixedInterval", "MagCache", "Policy", "TeaCache", "DEFAULT_METHOD",
     "RECOMMENDED_FORECASTER", "RECOMMENDED_PROBE_BLOCKS", "RECOMMENDED_SITE", "make_policy", "SITE_KINDS", "Site",
-    "TOKEN_SELECTIONS", "TokenConfig", "COMPUTED", "FORECAST", "REUSED", "Trace", "render_map",
+    "TOKEN_SELECTIONS", "TokenConfig", "TokenLayout", "COMPUTED", "FORECAST", "PARTIAL", "REUSED", "Trace",
 ]

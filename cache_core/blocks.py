@@ -10,6 +10,8 @@ part of a segment's cached residual: within a computed segment, what arrived at 
 previous block's output is added to the segment's base, so on a filled step the host adds the current
 additions on top of the filled value and block skipping stays correct.
 A block that ends a stream (SD3's last block returns no text) passes that stream through.
+With token-level recompute, a partial segment also runs each of its blocks on a subset of the tokens
+(see tokens.py); `token_layouts` (per kind) says where the tokens are.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from .engine import CacheRun
 from .grid import TokenGrid
 from .policies import INPUT, MODULATED_INPUT, PROBE_INDICATORS, PROBE_OUTPUT, PROBE_RESIDUAL
 from .sites import CORRECTOR, PROBE, BlockPlan
-from .trace import COMPUTED
+from .tokens import gather
+from .trace import COMPUTED, PARTIAL
 
 ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]
 TokenGridOf = Callable[[str, str], Optional[TokenGrid]]  # (block kind, stream) -> its image-token grid
@@ -41,16 +44,29 @@ class _Call:
         self.probe_out: Optional[torch.Tensor] = None
         self.segment_inputs: dict = {}  # per stream: the segment's input plus what was added between its blocks
         self.last_out: dict = {}  # per stream: a copy of the previous block's output within the segment
+        self.text_lengths: dict = {}  # text token counts seen in this call, by args entry
+        self.selection: Optional[torch.Tensor] = None  # tokens a partial call recomputes
+        self.partial: Optional[_PartialSegment] = None
+
+
+class _PartialSegment:
+    """A partial segment in progress: the filled token residual, the subset's input rows and hidden states."""
+
+    def __init__(self, fill: torch.Tensor, inputs: torch.Tensor):
+        self.fill = fill
+        self.inputs = inputs
+        self.state: Optional[dict] = None
 
 
 class BlockRunner:
     def __init__(self, run: CacheRun, plan: BlockPlan, streams: dict, modulated_input: Optional[ModulatedInput] = None,
-                 token_grid: Optional[TokenGridOf] = None):
+                 token_grid: Optional[TokenGridOf] = None, token_layouts: Optional[dict] = None):
         self.run = run
         self.plan = plan
         self.streams = streams
         self.modulated_input = modulated_input
         self.token_grid = token_grid
+        self.token_layouts = token_layouts or {}
         self.segment_keys = [(seg.key, s) for seg in plan.segments for s in streams[seg.kind]]
         self.call = _Call()
 
@@ -63,6 +79,8 @@ class BlockRunner:
             self.call = _Call()
             if self.run.config.policy.indicator == MODULATED_INPUT:
                 self.call.modulated = self._modulated(kind, index, args, streams)
+        if self.run.tokens is not None:
+            self._text_length(kind, args)  # Flux single blocks learn the text length from the double blocks
         if role == PROBE:
             return self._probe(kind, g, args, run_block, streams)
         if role == CORRECTOR:
@@ -106,6 +124,10 @@ class BlockRunner:
             self.call.decision_input = None
             if probed and self.call.compute:
                 self.run.probe_computed()
+            if self.run.tokens is not None:
+                self.call.selection = self.run.token_selection(self.call.compute, self._tokens(kind, args))
+        if not self.call.compute and self.call.selection is not None:
+            return self._partial(kind, index, g, segment, args, run_block, streams)
         if not self.call.compute:
             self.run.mark(g, self.run.fill_action)
             if index != segment.first:
@@ -130,4 +152,58 @@ class BlockRunner:
                 reference = self.run.reference_chunk(out[streams[0]])
                 if reference is not None:
                     self.run.computed(reference, self.run.reference_chunk(residuals[streams[0]]))
+        return out
+
+    # -- token-level partial recompute ------------------------------------------------------
+    def _text_length(self, kind: str, args: dict) -> int:
+        layout = self.token_layouts[kind]
+        if layout.text is None:
+            return 0
+        if layout.text in args:
+            self.call.text_lengths[layout.text] = args[layout.text].shape[1]
+        if layout.text not in self.call.text_lengths:
+            raise ValueError(
+                f"token-level recompute: the text length ('{layout.text}') of the {kind} blocks is unknown")
+        return self.call.text_lengths[layout.text]
+
+    def _tokens(self, kind: str, args: dict) -> torch.Tensor:
+        """The image/video token rows of a block's token stream."""
+        layout = self.token_layouts[kind]
+        skip = self._text_length(kind, args) if layout.text_in_stream else 0
+        return args[layout.stream][:, skip:]
+
+    def _partial(self, kind, index, g, segment, args, run_block, streams):
+        """A filled segment whose selected tokens run through each of its blocks; their fresh residual
+        replaces the filled one at the segment's last block."""
+        layout = self.token_layouts[kind]
+        text = self._text_length(kind, args)
+        skip = text if layout.text_in_stream else 0
+        selection = self.call.selection
+        if index == segment.first:
+            fill = self.run.fill((segment.key, layout.stream), args[layout.stream])
+            token_fill = fill[:, skip:]
+            correction = self.run.tokens.correction(segment.key, self.run.uuids, token_fill)
+            if correction is not None:
+                token_fill += correction  # the fill is a fresh tensor: its token rows take the correction
+            sub = gather(args, layout, streams, selection, text)
+            self.call.partial = _PartialSegment(token_fill, sub[layout.stream][:, skip:].clone())
+            out = {s: args[s] for s in streams}  # other streams come from the run at the segment's end
+            out[layout.stream] = args[layout.stream] + fill
+        else:
+            sub = gather(args, layout, streams, selection, text, self.call.partial.state)
+            out = {s: args[s] for s in streams}
+        sub_out = run_block(sub)
+        self.call.partial.state = {s: sub_out[s] for s in streams}
+        tokens = self.call.partial.fill.shape[1]
+        self.run.mark(g, PARTIAL, (text + selection.numel()) / (text + tokens))  # rows run / rows of a full run
+        if index == segment.last:  # rows that ran come from the run, the other tokens keep their fill
+            computed = sub_out[layout.stream][:, skip:]
+            change = self.run.tokens.update(segment.key, self.run.uuids, self.call.partial.fill, selection,
+                                            computed - self.call.partial.inputs)
+            rows = out[layout.stream][:, skip:]
+            rows = (rows if change is None else rows + change).index_copy(1, selection, computed)
+            out = {s: sub_out[s] for s in streams}
+            out[layout.stream] = torch.cat([sub_out[layout.stream][:, :skip], rows], 1) if skip else rows
+            self.run.account_tokens()
+            self.call.partial = None
         return out

@@ -16,8 +16,8 @@ from .forecasters import ForecasterConfig
 from .grid import TokenGrid, grid_for
 from .policies import NO_INDICATOR, PROBE_INDICATORS, FixedInterval, Policy
 from .sites import Site
-from .tokens import TokenConfig
-from .trace import COMPUTED, FORECAST, REUSED, Trace
+from .tokens import TokenConfig, TokenState
+from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace
 
 log = logging.getLogger("FeatureCache")
 BUDGET_TOLERANCE = 0.05
@@ -44,7 +44,8 @@ class CacheConfig:
         if self.memory_budget_mb < 0:
             raise ValueError("memory_budget_mb must be >= 0 (0 means unlimited)")
         if self.tokens is not None and not self.site.uses_blocks:
-            raise ValueError("token-level recompute needs a block site ('span' or 'blocks'), not 'model'")
+            raise ValueError("token-level recompute (the tokens input) needs a block site: choose site 'span' or "
+                             "'blocks', not 'model', or disconnect the tokens input")
 
     def describe(self) -> dict:
         return {
@@ -54,6 +55,7 @@ class CacheConfig:
             "site": self.site.kind,
             "probe_blocks": self.site.probe_blocks,
             "corrector_blocks": self.site.corrector_blocks,
+            "tokens": None if self.tokens is None else self.tokens.label,
         }
 
 
@@ -103,6 +105,7 @@ class CacheRun:
         self.indicator = None
         self.consecutive_fills = 0
         self.uuids: list = []
+        self.tokens = TokenState(self.config.tokens) if self.config.tokens is not None else None
 
     # -- calls and evaluations -------------------------------------------------------------
     def begin_call(self, uuids: list, sigma: float, sample: torch.Tensor) -> None:
@@ -203,6 +206,24 @@ class CacheRun:
             self.guarded_fills += 1
         return True
 
+    def token_selection(self, compute: bool, features: torch.Tensor) -> Optional[torch.Tensor]:
+        """Token indices this call's cached segments recompute on a partial evaluation (None: compute or fill
+        whole). `features` [B, N, C]: the image tokens at the first cached block."""
+        if self.tokens is None:
+            return None
+        ev = self.trace.evaluations[-1]
+        partial = not compute and self.tokens.partial_step(self.consecutive_fills)
+        if partial and self.ref_uuid in self.uuids:
+            ev.decision = PARTIAL
+        reference = self.uuids.index(self.ref_uuid) if self.ref_uuid in self.uuids else -1
+        index = self.tokens.select(features, self.uuids, ev.index, compute, partial, reference)
+        self.account_tokens()
+        return index
+
+    def account_tokens(self) -> None:
+        """Token memory (per-token inputs, fill corrections) counts towards the peak cache bytes."""
+        self.peak_bytes = max(self.peak_bytes, self.cache_bytes + self.tokens.nbytes)
+
     def computed(self, output_ref: torch.Tensor, residual_ref: torch.Tensor) -> None:
         """Feed the policy the reference chunk's output and residual of a computed evaluation."""
         if self.ref_uuid in self.uuids and self.decision:
@@ -222,8 +243,8 @@ class CacheRun:
     def fill_action(self) -> str:
         return REUSED if self.config.forecaster.is_reuse else FORECAST
 
-    def mark(self, row: int, action: str) -> None:
-        self.trace.mark(row, action)
+    def mark(self, row: int, action: str, fraction: Optional[float] = None) -> None:
+        self.trace.mark(row, action, fraction)
 
     # -- caches --------------------------------------------------------------------------
     def _has_caches(self, keys, uuids) -> bool:
@@ -297,6 +318,7 @@ class CacheRun:
             "evaluations": len(decisions),
             "evaluations_computed": sum(d == COMPUTED for d in decisions),
             "evaluations_filled": sum(d != COMPUTED for d in decisions),
+            "evaluations_partial": sum(d == PARTIAL for d in decisions),
             "cells": self.trace.counts(),
             "budget": self.gate.budget,
             "compute_fraction": fraction,

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..cache_core import TokenGrid
+from ..cache_core import TokenGrid, TokenLayout
 
 REPLACE = "replace"
 FORWARD = "forward"
@@ -34,6 +34,11 @@ class BlockKind:
     streams: tuple  # hidden-state entries of the args dict that the block updates
     returns: tuple = ()  # FORWARD: names of the forward's return values; REPLACE: () (a dict comes back)
     image_streams: tuple = ()  # streams whose last rows are the image tokens (Flux single blocks: cat(txt, img))
+    # token-level recompute: the args entry whose length is the text token count (when the image stream is
+    # cat(text, image), the text precedes the tokens there), and the per-position tables (entry, dims) over
+    # text + image tokens that a token subset must gather; None: this kind's tokens cannot be gathered
+    text: Optional[str] = None
+    token_rows: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,16 @@ class Adapter:
             return None
         return TokenGrid(tuple(-(-n // p) for n, p in zip(latent_shape[2:], patch)))
 
+    def token_layouts(self) -> dict:
+        """Per kind, where token-level recompute gathers its token subset; raises when a kind does not say."""
+        missing = [k.name for k in self.kinds if k.token_rows is None or not k.image_streams]
+        if missing:
+            raise UnsupportedModel(
+                f"Feature cache: token-level recompute cannot gather the tokens of this model's "
+                f"{', '.join(missing)} blocks ({self.family}) yet: disconnect the tokens input")
+        return {k.name: TokenLayout(k.image_streams[0], k.text, k.text is not None and k.text not in k.streams,
+                                    k.token_rows) for k in self.kinds}
+
     def block(self, diffusion_model, kind: str, index: int):
         return self.blocks(diffusion_model, self.kind(kind))[index]
 
@@ -118,10 +133,19 @@ def _wan_modulated_input(block, args) -> torch.Tensor:
 _DOUBLE_SINGLE = (BlockKind("double_block", "double_blocks", ("img", "txt"), image_streams=("img",)),
                   BlockKind("single_block", "single_blocks", ("img",), image_streams=("img",)))  # cat(txt, img)
 _WAN = "comfy.ldm.wan.model."
-_WAN_BLOCKS = (BlockKind("double_block", "blocks", ("img",), image_streams=("img",)),)
+# Token-level recompute (token_rows) is described for Flux and Wan, whose block args were checked:
+# Flux pe is the rotary table [B, 1, txt + img, ...] of cat(txt, img) (single blocks see cat(txt, img));
+# Wan pe is freqs [1, img, 1, ...], vec the modulation [B, 1 | frames | img, 6, dim].
+_FLUX_ROWS = (("pe", 2), ("attn_mask", (-2, -1)))
+_FLUX_BLOCKS = (BlockKind("double_block", "double_blocks", ("img", "txt"), image_streams=("img",), text="txt",
+                          token_rows=_FLUX_ROWS),
+                BlockKind("single_block", "single_blocks", ("img",), image_streams=("img",), text="txt",
+                          token_rows=_FLUX_ROWS))
+_WAN_BLOCKS = (BlockKind("double_block", "blocks", ("img",), image_streams=("img",),
+                         token_rows=(("pe", 1), ("vec", 1))),)
 
 ADAPTERS = (
-    Adapter("Flux (incl. Kontext, Flux 2)", ("comfy.ldm.flux.model.Flux",), _DOUBLE_SINGLE,
+    Adapter("Flux (incl. Kontext, Flux 2)", ("comfy.ldm.flux.model.Flux",), _FLUX_BLOCKS,
             modulated_input=_flux_modulated_input, patch=(2, 2), patch_attribute="patch_size", key="flux"),
     Adapter("Chroma", ("comfy.ldm.chroma.model.Chroma",), _DOUBLE_SINGLE, patch=(2, 2)),
     Adapter("Chroma Radiance", ("comfy.ldm.chroma_radiance.model.ChromaRadiance",), _DOUBLE_SINGLE, patch=(16, 16)),

@@ -13,6 +13,7 @@ import contextvars
 import dataclasses
 import inspect
 import logging
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,8 +26,8 @@ from ..cache_core.sites import SPAN
 from ..cache_core.skip_branch import SkipBranch
 from .adapters import (FORWARD, REPLACE, SKIP_BRANCH, Adapter, BlockKind, UnsupportedModel, adapter_for,
                        check_host)
+from . import progress
 from .calibration_store import calibrated_policy, save_calibration
-from .progress import send, with_progress
 
 WRAPPER_KEY = "feature_cache"
 SETUP_KEY = "feature_cache_setup"
@@ -96,10 +97,8 @@ def install(model, config: CacheConfig, handle: CacheHandle):
                 "choose another Cache Forecaster method")
         # per-family defaults (TeaCache's polynomial, DiCache's gain clip) apply to the block indicators
         config = dataclasses.replace(config, policy=config.policy.for_family(adapter.key))
-    if config.tokens is not None:
-        raise NotImplementedError(
-            "token-level partial recompute (Cache Token Ratio) is not available in this version yet; "
-            "disconnect the tokens input")
+        if config.tokens is not None:
+            adapter.token_layouts()  # raises, naming the block kinds, when the adapter cannot gather tokens
     model = model.clone()
     model.model_options["transformer_options"][SETUP_KEY] = CacheSetup(config, adapter, layout, handle)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
@@ -133,8 +132,10 @@ def _outer_sample(executor, *args, **kwargs):
     options = comfy.model_patcher.create_model_options_clone(original_options)
     options["transformer_options"][RUN_KEY] = _RunContext(run, setup, guider.model_patcher.model.diffusion_model)
     guider.model_options = options
+    stream = progress.start(run, setup.handle.node_id)
     args = list(args)
-    args[5] = with_progress(args[5], run, setup.handle.node_id)  # the step callback
+    args[5] = progress.with_progress(args[5], stream)  # the step callback
+    started = time.perf_counter()
     try:
         result = executor(*args, **kwargs)
         if isinstance(policy, MagCache) and policy.calibrating:  # only a finished run is a calibration
@@ -145,9 +146,9 @@ def _outer_sample(executor, *args, **kwargs):
         if setup.adapter is not None and not run.trace.evaluations:
             run.notes.append(f"the {setup.adapter.family} model never called its block hooks in ComfyUI "
                              f"{host_version()} (host drift?): nothing was cached")
-        report = run.report()
+        report = {**run.report(), "elapsed_s": time.perf_counter() - started}
         setup.handle.publish(report)
-        send(run, setup.handle.node_id, len(sigmas) - 1, len(sigmas) - 1, done=True)
+        stream.finish(report, len(sigmas) - 1)
         log.info("FeatureCache %s: computed %d/%d evaluations, compute fraction %.3f (ideal speedup %.2fx), "
                  "peak cache %.1f MiB", report["method"], report["evaluations_computed"], report["evaluations"],
                  report["compute_fraction"], report["ideal_speedup"], report["peak_cache_bytes"] / 2**20)
@@ -171,7 +172,8 @@ class _RunContext:
         elif setup.adapter is not None:
             adapter = setup.adapter
             self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
-                                      self._modulated_input if adapter.modulated_input else None, self._token_grid)
+                                      self._modulated_input if adapter.modulated_input else None, self._token_grid,
+                                      adapter.token_layouts() if setup.config.tokens is not None else None)
 
     def _token_grid(self, kind, stream):
         return self.setup.adapter.token_grid(kind, stream, self.latent_shape, self.patch)

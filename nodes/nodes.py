@@ -13,10 +13,11 @@ import folder_paths
 
 from ..cache_core import (DEFAULT_METHOD, FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES,
                           RECOMMENDED_FORECASTER, RECOMMENDED_PROBE_BLOCKS, RECOMMENDED_SITE, SITE_KINDS,
-                          TOKEN_SELECTIONS, CacheConfig, ForecasterConfig, Site, TokenConfig, Trace, make_policy,
-                          render_map)
+                          TOKEN_SELECTIONS, CacheConfig, ForecasterConfig, Site, TokenConfig, make_policy)
 from .adapters import HostDrift
+from .figure import render_figure
 from .integration import SETUP_KEY, CacheHandle, install
+from .progress import compact
 
 CachePolicy = io.Custom("CACHE_POLICY")
 CacheForecaster = io.Custom("CACHE_FORECASTER")
@@ -157,20 +158,34 @@ class CacheTokenRatioNode(io.ComfyNode):
             node_id="FeatureCacheTokenRatio",
             display_name="Cache Token Ratio",
             category=CATEGORY,
-            description="Token-level partial recompute on cached steps (ToCa / ClusCa). Not applied by this version yet.",
+            description="Token-level partial recompute (ToCa / DuCa / ClusCa): on evaluations the policy fills, a "
+                        "fraction of the image tokens is recomputed through the cached blocks, the rest is filled. "
+                        "Needs the 'span' or 'blocks' site.",
             inputs=[
                 io.Combo.Input("selection", options=list(TOKEN_SELECTIONS), default="score",
-                               tooltip="score: most-changed tokens (ToCa); cluster: one token per cluster (ClusCa); random."),
+                               tooltip="score (ToCa): tokens whose input changed most since their last compute, and "
+                                       "the longest cached; cluster (ClusCa): spread over k-means clusters of the "
+                                       "tokens, their update shared within each cluster (see gamma); random: a "
+                                       "baseline."),
                 io.Float.Input("ratio", default=0.25, min=0.01, max=1.0, step=0.01,
-                               tooltip="Fraction of tokens recomputed on cached steps."),
-                io.Int.Input("clusters", default=16, min=1, max=256, tooltip="Cluster count for 'cluster' selection."),
+                               tooltip="Fraction of the image tokens recomputed on a partial evaluation."),
+                io.Int.Input("clusters", default=16, min=1, max=256,
+                             tooltip="'cluster' selection: the number of k-means clusters; at most the number of "
+                                     "tokens recomputed (ratio x image tokens)."),
+                io.Float.Input("gamma", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="'cluster' selection: the other tokens of a cluster take gamma times the mean "
+                                       "update of its recomputed tokens (0 = plain fill for them)."),
+                io.Boolean.Input("alternate", default=False,
+                                 tooltip="DuCa: filled evaluations alternate between a partial recompute and a plain "
+                                         "fill (faster), starting with a partial one."),
             ],
             outputs=[CacheTokens.Output(display_name="tokens")],
         )
 
     @classmethod
-    def execute(cls, selection, ratio, clusters):
-        return io.NodeOutput(_build(TokenConfig, selection=selection, ratio=ratio, clusters=clusters))
+    def execute(cls, selection, ratio, clusters, gamma, alternate):
+        return io.NodeOutput(_build(TokenConfig, selection=selection, ratio=ratio, clusters=clusters, gamma=gamma,
+                                    alternate=alternate))
 
 
 class ApplyFeatureCacheNode(io.ComfyNode):
@@ -202,7 +217,8 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 CacheForecaster.Input("forecaster", optional=True,
                                       tooltip=f"Default: the recommended forecaster ({RECOMMENDED_FORECASTER.label}); "
                                               "dicache: taylor 1 (its aligned fill)."),
-                CacheTokens.Input("tokens", optional=True, tooltip="Token-level partial recompute (not available yet)."),
+                CacheTokens.Input("tokens", optional=True,
+                                  tooltip="Token-level partial recompute on filled evaluations (span or blocks site)."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -235,11 +251,13 @@ class CacheMapNode(io.ComfyNode):
             node_id="FeatureCacheMap",
             display_name="Cache Map",
             category=CATEGORY,
-            description="The last run's step x layer map (red computed, blue reused, green forecast) and its report.",
+            description="The last run's step x block map (computed, reused, forecast, partial, verified-rejected) as a "
+                        "figure with axes and legend, and the run's report (also saved as PNG + JSON).",
             inputs=[
                 io.Model.Input("model", tooltip="The output of Apply Feature Cache."),
                 io.Latent.Input("samples", tooltip="The sampler's output: makes this node run after sampling."),
-                io.Int.Input("cell_size", default=8, min=1, max=64, tooltip="Pixels per map cell."),
+                io.Int.Input("cell_size", default=8, min=1, max=64,
+                             tooltip="Pixels per map cell in the saved figure (rows get thinner on very deep models)."),
                 io.String.Input("filename_prefix", default="feature_cache/map",
                                 tooltip="The map PNG and report JSON are saved under ComfyUI's output folder."),
             ],
@@ -256,7 +274,7 @@ class CacheMapNode(io.ComfyNode):
         if report is None:
             raise ValueError("Cache Map: no sampling run has used this cache yet; connect the sampler that uses the "
                              "cached model to 'samples'.")
-        pixels = render_map(Trace.from_dict(report["trace"]), cell_size)
+        pixels = render_figure(report, cell_size)
         image = torch.from_numpy(pixels.astype(np.float32) / 255.0).unsqueeze(0)
         text = json.dumps(report, indent=1)
         summary = {k: v for k, v in report.items() if k != "trace"}
@@ -266,7 +284,9 @@ class CacheMapNode(io.ComfyNode):
         Image.fromarray(pixels).save(stem + ".png")
         with open(stem + ".json", "w") as f:
             f.write(text)
-        return io.NodeOutput(image, text, ui={"text": (json.dumps(summary, indent=1),), "feature_cache_report": (report,)})
+        ui = {"text": (json.dumps(summary, indent=1),), "feature_cache_report": (report,),
+              "feature_cache_map": (compact(report),)}  # the widget's state, also after a page reload
+        return io.NodeOutput(image, text, ui=ui)
 
 
 NODES = [CachePolicyNode, CacheForecasterNode, CacheTokenRatioNode, ApplyFeatureCacheNode, CacheMapNode]

@@ -28,7 +28,8 @@ QUICK_COMFY_THRESHOLDS = (0.2,)
 DEFAULT_METHODS = ("default", "fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@blocks", "teacache+reuse@span",
                    "teacache+taylor1@span", "teacache+taylor2@span", "first_block+reuse@span",
                    "easycache+reuse@model", *COMFY_NODES)
-SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks")
+SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks",
+                 "fixed+reuse@span+toca0.25", "fixed+reuse@span+clusca0.25")
 
 
 @dataclasses.dataclass
@@ -203,7 +204,8 @@ def node_method(host, name: str, class_type: str, params: list, family: str, cas
     cls = host.node_classes[class_type]
     accepted = names.node_inputs(host, class_type)
     if accepted.get("model", (None,))[0] != "MODEL" or "MODEL" not in list(cls.RETURN_TYPES):
-        raise ValueError(f"{name} is not a MODEL -> MODEL node (inputs {list(accepted)}, outputs {list(cls.RETURN_TYPES)})")
+        raise ValueError(f"{name} is not a MODEL -> MODEL node (inputs {list(accepted)}, "
+                         f"outputs {list(cls.RETURN_TYPES)})")
     required = cls.INPUT_TYPES().get("required", {})
     inputs = {k: v for k, v in names.node_defaults(host, class_type).items() if k != "model"}
     mine = [p for p in params if p.node in (None, class_type)]

@@ -22,7 +22,10 @@ import re
 NODE_TYPES = {"policy": "FeatureCachePolicy", "forecaster": "FeatureCacheForecaster",
               "tokens": "FeatureCacheTokenRatio", "apply": "ApplyFeatureCache"}
 # Token suffix names (the papers' names) -> Cache Token Ratio inputs; any `selection` option also works as is.
-TOKEN_METHODS = {"toca": {"selection": "score"}, "clusca": {"selection": "cluster"}, "duca": {"selection": "duca"}}
+# ClusCa with 4 clusters: the tiny models' images have 64-256 tokens (a cluster needs a recomputed token each);
+# DuCa is the random selection alternating partial and plain fills.
+TOKEN_METHODS = {"toca": {"selection": "score"}, "clusca": {"selection": "cluster", "clusters": 4},
+                 "duca": {"selection": "random", "alternate": True}}
 # `+cfg` sets this input of this node to True.
 CFG_INPUT = ("apply", "cfg_cache")
 DEFAULT_NAME = "default"
@@ -176,8 +179,8 @@ def name_of(host, graph: dict, apply_id: str) -> str:
     name = f"{policy}+{token}@{apply['site']}"
     if "tokens" in linked:
         tokens = linked["tokens"]
-        alias = next((k for k, v in TOKEN_METHODS.items() if v == {"selection": tokens["selection"]}),
-                     tokens["selection"])
+        alias = next((k for k, v in TOKEN_METHODS.items() if v["selection"] == tokens["selection"]
+                      and v.get("alternate", False) == tokens.get("alternate", False)), tokens["selection"])
         name += f"+{alias}{tokens['ratio']:g}"
     if _cfg_on(graph, apply_id):
         name += "+cfg"

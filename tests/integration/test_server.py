@@ -5,10 +5,6 @@ The host's base directory is a temporary folder whose custom_nodes/ holds links 
 """
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,55 +13,14 @@ import uuid
 import pytest
 
 from benchmarks.graphs import wan_graph, with_cache
-from benchmarks.host import FIXTURE_PACK, REPO_ROOT, comfyui_path
-
-PACK_NAME = "ComfyUI-FeatureCache"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url, timeout=10):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.status, response.read()
+from benchmarks.server import get as _get, running_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, paths):
     base = tmp_path_factory.mktemp("server")
-    (base / "custom_nodes").mkdir()
-    os.symlink(REPO_ROOT, base / "custom_nodes" / PACK_NAME)
-    os.symlink(FIXTURE_PACK, base / "custom_nodes" / "fc_fixtures")
-    (base / "models" / "diffusion_models").mkdir(parents=True)
-    shutil.copy(paths["wan"], base / "models" / "diffusion_models" / paths["wan_name"])
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--base-directory", str(base), "--disable-auto-launch"],
-        cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                _get(url + "/object_info/KSampler", timeout=2)
-                break
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("ComfyUI server did not start:\n" + (base / "server.log").read_text()[-4000:])
-                time.sleep(0.5)
+    with running_server(str(base), {paths["wan_name"]: paths["wan"]}) as url:
         yield url, base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def test_server_lists_the_nodes_and_serves_the_frontend_extension(server):
@@ -108,7 +63,8 @@ def test_prompt_over_http_streams_progress_and_reports_in_history(server, paths)
                 and event["data"].get("prompt_id") == prompt_id:
             break
     ws.close()
-    assert [p["step"] for p in progress] == [1, 2, 3, 4, 4] and progress[-1]["done"]
+    assert progress and progress[0]["step"] == 1 and progress[-1]["done"] and progress[-1]["full"]
+    assert progress[-1]["node"] == "cache_apply" and len(progress[-1]["columns"]) == 4
     _, body = _get(url + f"/history/{prompt_id}")
     outputs = json.loads(body)[prompt_id]["outputs"]
     report = outputs["cache_map"]["feature_cache_report"][0]

@@ -262,15 +262,11 @@ def test_cache_core_never_imports_comfyui():
         assert "import comfy" not in text and "from comfy" not in text and "folder_paths" not in text, path
 
 
-def test_trace_round_trips_through_its_dict_and_renders():
-    from cache_core import Trace, render_map
+def test_trace_round_trips_through_its_dict():
+    from cache_core import Trace
     _, run, _ = sample(CacheConfig(policy=FixedInterval(interval=2), site=Site("span", probe_blocks=1)))
     data = run.trace.to_dict()
-    again = Trace.from_dict(data)
-    assert again.to_dict() == data
-    image = render_map(again, cell=4)
-    assert image.shape == (5 * 4, 6 * 4, 3)
-    assert (image[4 * 1 + 2, 4 * 1 + 2] == (70, 130, 220)).all()  # block 1 reused at evaluation 1
+    assert Trace.from_dict(data).to_dict() == data
 
 
 @pytest.mark.parametrize("kind", FORECASTER_KINDS)

@@ -7,7 +7,7 @@ from cache_core import (DiCache, EasyCache, FirstBlock, FixedInterval, MagCache,
                         calibration, make_policy)
 from cache_core.calibration import MagnitudeCurve
 from cache_core.policies import TEACACHE_COEFFICIENTS, polynomial
-from cache_core.budget import BudgetController, ThresholdGate
+from cache_core.budget import ThresholdGate
 
 
 def _run(state, indicators, forced=None, gate=None):
