@@ -165,6 +165,7 @@ class _RunContext:
         self.branch = None
         self.saw_control = False
         self.call_has_control = False
+        self.saw_references = False
         self.latent_shape: Optional[tuple] = None  # of the model call in progress (block sites)
         self.patch = setup.adapter.patch_of(diffusion_model) if setup.adapter is not None else ()
         if setup.adapter is not None and setup.adapter.hook == SKIP_BRANCH:
@@ -244,7 +245,14 @@ def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, t
             "ControlNet residuals entered the blocks: they are added after each block, outside the cached "
             "residuals, so filled steps add the current step's control (caching stays on)")
     token = _CALL_OPTIONS.set(transformer_options)
-    previous_shape, context.latent_shape = context.latent_shape, tuple(x.shape)  # the blocks' image-token grid
+    # the blocks' image-token grid; reference latents (Kontext, edit models) add tokens after the image tokens,
+    # so no grid is claimed for those calls rather than a wrong one
+    references = kwargs.get("ref_latents") is not None
+    if references and not context.saw_references:
+        context.saw_references = True
+        context.run.notes.append("reference latents follow the image tokens: no image-token grid for these calls "
+                                 "(frequency forecasts treat every row as high band)")
+    previous_shape, context.latent_shape = context.latent_shape, None if references else tuple(x.shape)
     routed = []
     try:
         if context.setup.adapter.hook == FORWARD:
