@@ -55,6 +55,15 @@ class CacheConfig:
         }
 
 
+def format_bytes(n: float) -> str:
+    """Human-readable size that stays informative for small caches (never "0.0 MiB")."""
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} GiB"
+
+
 def chunk(tensor: torch.Tensor, n: int, i: int) -> torch.Tensor:
     """The i-th of n equal batch chunks (one per conditioning uuid)."""
     size = tensor.shape[0] // n
@@ -82,32 +91,54 @@ class CacheRun:
         self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
         self.guarded_keys: set = set()
         self.shared: dict = {}  # key -> state its forecasters share across conditionings
+        self.updated_at: dict = {}  # (key, uuid) -> index of the evaluation that last stored it
         self.cache_bytes = 0
         self.ref_uuid = None
-        self.signature = None
+        self.signatures: dict = {}  # uuid -> (chunk shape, dtype, device) of its input
         self.decision: Optional[bool] = None
         self.indicator = None
         self.consecutive_fills = 0
+        self.last_reference_compute = -1  # evaluation index of the reference's latest compute
         self.uuids: list = []
+        self.seen: set = set()  # uuids called in the current evaluation
 
     # -- calls and evaluations -------------------------------------------------------------
     def begin_call(self, uuids: list, sigma: float, sample: torch.Tensor) -> None:
-        """Start of one model call; detects a new evaluation and shape/dtype/device changes."""
+        """Start of one model call; detects a new evaluation and shape/dtype/device changes.
+
+        Each conditioning keeps its own caches at its own input shape (regional prompts run at
+        their area's size). A new evaluation starts when sigma changes or a conditioning is called
+        again; its first call elects the reference if the previous one is absent (a prompt that is
+        scheduled over only part of the range), and a new reference restarts the policy.
+        """
         signature = (tuple(chunk(sample, len(uuids), 0).shape), sample.dtype, sample.device)
-        if self.signature is not None and signature != self.signature:
-            self._note(f"input changed from {self.signature} to {signature}: caches reset")
-            self._reset_state()
-        self.signature = signature
-        if self.ref_uuid is None:
-            self.ref_uuid = uuids[0]
+        for uuid in uuids:
+            previous = self.signatures.get(uuid)
+            if previous is not None and previous != signature:
+                self._note(f"input changed from {previous} to {signature}: caches reset")
+                self._drop_caches(uuid)
+                if uuid == self.ref_uuid:
+                    self.policy_state = self.config.policy.new_state()
+            self.signatures[uuid] = signature
         current = self.trace.evaluations[-1] if self.trace.evaluations else None
-        ref_decided_again = self.ref_uuid in uuids and self.decision is not None
-        if current is None or sigma != current.sigma or ref_decided_again:
+        if current is None or sigma != current.sigma or self.seen.intersection(uuids):
             self.trace.begin(sigma, self._step_of(sigma))
             self.decision = None
             self.guarded_keys = set()  # keys whose fills this evaluation fall back to reuse
+            self.seen = set()
+            if self.ref_uuid not in uuids:
+                if self.ref_uuid is not None:
+                    self.policy_state = self.config.policy.new_state()
+                self.ref_uuid = uuids[0]
+        self.seen.update(uuids)
         self.uuids = list(uuids)
         self.prepared = {}
+
+    def _drop_caches(self, uuid) -> None:
+        for key in [k for k in self.forecasters if k[1] == uuid]:
+            self.cache_bytes -= self.forecasters.pop(key).nbytes
+            self.updated_at.pop(key, None)
+            self.norm_bands.pop(key, None)
 
     @property
     def sigma(self) -> float:
@@ -127,28 +158,29 @@ class CacheRun:
 
     def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]]) -> bool:
         """True to compute. `keys` are the cached values a fill would need for every uuid of the call."""
+        ev = self.trace.evaluations[-1]
         if self.decision is None and self.ref_uuid in self.uuids:
             kind = self.config.policy.indicator
             self.indicator = None if kind == NO_INDICATOR else indicator(kind)
-            forced = self._forced() or not self._has_caches(keys, [self.ref_uuid])
+            forced = self._forced() or not self._has_caches(keys, self.uuids)
             compute, value = self.policy_state.decide(self.indicator, forced)
             self.decision = compute
-            ev = self.trace.evaluations[-1]
             ev.indicator = value
             ev.decision = COMPUTED if compute else self.fill_action
             self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
-        if self.decision is None:  # the reference conditioning has not been seen in this evaluation
-            return True
-        if self.decision or not self._has_caches(keys, self.uuids):
-            return True
-        if self._prepare_fills(keys):
-            return False
-        self.guard_computes += 1
-        if self.ref_uuid in self.uuids:  # no safe fill: this evaluation computes after all
-            self.decision = True
-            self.trace.evaluations[-1].decision = COMPUTED
-            self.consecutive_fills = 0
-        return True
+            if compute:
+                self.last_reference_compute = ev.index
+        compute = self.decision is None or self.decision or not self._has_caches(keys, self.uuids)
+        if not compute and not self._prepare_fills(keys):
+            self.guard_computes += 1  # no safe fill: this evaluation computes after all
+            compute = True
+            if self.ref_uuid in self.uuids:
+                self.decision = True
+                self.consecutive_fills = 0
+                self.last_reference_compute = ev.index
+        if compute:
+            ev.decision = COMPUTED  # the report counts what ran: any call that computes computes the evaluation
+        return compute
 
     def _prepare_fills(self, keys) -> bool:
         """Forecast every value this call fills and check it: a non-finite forecast, or one whose norm leaves
@@ -188,7 +220,8 @@ class CacheRun:
 
     # -- caches --------------------------------------------------------------------------
     def _has_caches(self, keys, uuids) -> bool:
-        return all((k, u) in self.forecasters for k in keys for u in uuids)
+        """Every value a fill needs exists and is no older than the reference's latest compute."""
+        return all(self.updated_at.get((k, u), -2) >= self.last_reference_compute for k in keys for u in uuids)
 
     def store(self, key, values: torch.Tensor, grid: Optional[TokenGrid] = None) -> None:
         """Record a computed value (batched over the call's uuids) at the current sigma.
@@ -207,6 +240,7 @@ class CacheRun:
             before = forecaster.nbytes
             value = chunk(values, n, i)
             forecaster.update(self.sigma, value)
+            self.updated_at[(key, uuid)] = self.trace.evaluations[-1].index
             self.cache_bytes += forecaster.nbytes - before
             norm = value.detach().float().norm()
             low, high = self.norm_bands.get((key, uuid), (norm, norm))
@@ -214,12 +248,13 @@ class CacheRun:
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes)
         budget = self.config.memory_budget_mb * 2**20
         if budget and self.cache_bytes > budget:
-            self._note(f"cache memory {self.cache_bytes / 2**20:.1f} MiB exceeded the budget of "
-                       f"{self.config.memory_budget_mb} MiB: caching stopped for the rest of this run")
+            self._note(f"cache memory {format_bytes(self.cache_bytes)} exceeded the budget of "
+                       f"{format_bytes(budget)}: caching stopped for the rest of this run")
             self.over_budget = True
             self.forecasters.clear()
             self.norm_bands.clear()
             self.shared.clear()
+            self.updated_at.clear()
             self.cache_bytes = 0
 
     def fill(self, key, like: torch.Tensor) -> torch.Tensor:
@@ -231,6 +266,13 @@ class CacheRun:
         if self.ref_uuid not in self.uuids:
             return None
         return chunk(tensor, len(self.uuids), self.uuids.index(self.ref_uuid))
+
+    def stand_aside(self, reason: str) -> None:
+        """A model call ran uncached for another node (its blocks differ from the run's): count it, say why once."""
+        if self.trace.evaluations:
+            self.trace.evaluations[-1].aside += 1
+        if reason not in self.notes:
+            self._note(reason)
 
     # -- report --------------------------------------------------------------------------
     def _note(self, message: str) -> None:
@@ -253,6 +295,7 @@ class CacheRun:
             "evaluations_computed": sum(d == COMPUTED for d in decisions),
             "evaluations_filled": sum(d != COMPUTED for d in decisions),
             "cells": self.trace.counts(),
+            "calls_stood_aside": sum(ev.aside for ev in self.trace.evaluations),
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
             "peak_cache_bytes": self.peak_bytes,

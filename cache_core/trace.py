@@ -21,6 +21,7 @@ class Evaluation:
     actions: list
     indicator: Optional[float] = None
     decision: str = COMPUTED
+    aside: int = 0  # model calls of another node's pass that ran uncached, apart from the cache
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Trace:
     def from_dict(cls, data: dict) -> "Trace":
         return cls(list(data["rows"]), [
             Evaluation(e["index"], e["sigma"], e["step"], list(e["actions"]), e.get("indicator"),
-                       e.get("decision", COMPUTED))
+                       e.get("decision", COMPUTED), e.get("aside", 0))
             for e in data["evaluations"]])
 
     def to_dict(self) -> dict:
@@ -68,7 +69,7 @@ class Trace:
             "rows": list(self.rows),
             "evaluations": [
                 {"index": ev.index, "sigma": ev.sigma, "step": ev.step, "decision": ev.decision,
-                 "indicator": ev.indicator, "actions": list(ev.actions)}
+                 "indicator": ev.indicator, "actions": list(ev.actions), "aside": ev.aside}
                 for ev in self.evaluations
             ],
         }

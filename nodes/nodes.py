@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -12,7 +13,8 @@ from comfy_api.latest import ComfyExtension, io
 import folder_paths
 
 from ..cache_core import (FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES, SITE_KINDS, TOKEN_SELECTIONS,
-                          CacheConfig, ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy, render_map)
+                          CacheConfig, CacheRun, ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy,
+                          render_map)
 from .integration import SETUP_KEY, CacheHandle, install
 
 CachePolicy = io.Custom("CACHE_POLICY")
@@ -187,7 +189,7 @@ class ApplyFeatureCacheNode(io.ComfyNode):
         config = _build(CacheConfig, policy=policy or TeaCache(), forecaster=forecaster or ForecasterConfig(),
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
                         memory_budget_mb=memory_budget_mb)
-        return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
+        return io.NodeOutput(_build(install, model=model, config=config, handle=CacheHandle(cls.hidden.unique_id)))
 
 
 class CacheMapNode(io.ComfyNode):
@@ -214,10 +216,9 @@ class CacheMapNode(io.ComfyNode):
         setup = model.model_options.get("transformer_options", {}).get(SETUP_KEY)
         if setup is None:
             raise ValueError("Cache Map: this model has no feature cache; connect the output of Apply Feature Cache.")
-        report = setup.handle.last
+        report = setup.handle.report_for(samples["samples"])
         if report is None:
-            raise ValueError("Cache Map: no sampling run has used this cache yet; connect the sampler that uses the "
-                             "cached model to 'samples'.")
+            report = _no_run_report(setup)
         pixels = render_map(Trace.from_dict(report["trace"]), cell_size)
         image = torch.from_numpy(pixels.astype(np.float32) / 255.0).unsqueeze(0)
         text = json.dumps(report, indent=1)
@@ -229,6 +230,17 @@ class CacheMapNode(io.ComfyNode):
         with open(stem + ".json", "w") as f:
             f.write(text)
         return io.NodeOutput(image, text, ui={"text": (json.dumps(summary, indent=1),), "feature_cache_report": (report,)})
+
+
+def _no_run_report(setup) -> dict:
+    """An empty map that says why: never a previous prompt's report, never a wrong instruction."""
+    note = ("no sampling run of this prompt used this cached model: the sampler connected to 'samples' sampled "
+            "nothing (denoise 0, or start step at or after its end step) or samples another model (connect this "
+            "Apply Feature Cache's MODEL output to the sampler's model input)")
+    logging.getLogger("FeatureCache").warning("Cache Map: %s", note)
+    report = CacheRun(setup.config, setup.rows, []).report()
+    report["notes"].append(note)
+    return report
 
 
 NODES = [CachePolicyNode, CacheForecasterNode, CacheTokenRatioNode, ApplyFeatureCacheNode, CacheMapNode]
