@@ -5,10 +5,6 @@ The host's base directory is a temporary folder whose custom_nodes/ holds links 
 """
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,71 +13,21 @@ import uuid
 import pytest
 
 from benchmarks.graphs import wan_graph, with_cache
-from benchmarks.host import FIXTURE_PACK, REPO_ROOT, comfyui_path
-
-PACK_NAME = "ComfyUI-FeatureCache"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url, timeout=10):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.status, response.read()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, paths):
-    base = tmp_path_factory.mktemp("server")
-    (base / "custom_nodes").mkdir()
-    os.symlink(REPO_ROOT, base / "custom_nodes" / PACK_NAME)
-    os.symlink(FIXTURE_PACK, base / "custom_nodes" / "fc_fixtures")
-    (base / "models" / "diffusion_models").mkdir(parents=True)
-    shutil.copy(paths["wan"], base / "models" / "diffusion_models" / paths["wan_name"])
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--base-directory", str(base), "--disable-auto-launch"],
-        cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                _get(url + "/object_info/KSampler", timeout=2)
-                break
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("ComfyUI server did not start:\n" + (base / "server.log").read_text()[-4000:])
-                time.sleep(0.5)
-        yield url, base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def test_server_lists_the_nodes_and_serves_the_frontend_extension(server):
-    url, _ = server
-    status, body = _get(url + "/object_info/ApplyFeatureCache")
+    status, body = server.get("/object_info/ApplyFeatureCache")
     info = json.loads(body)["ApplyFeatureCache"]
     assert status == 200 and info["display_name"] == "Apply Feature Cache"
-    status, extensions = _get(url + "/extensions")
+    status, extensions = server.get("/extensions")
     script = next(e for e in json.loads(extensions) if e.endswith("feature_cache.js"))
-    status, source = _get(url + script)
+    status, source = server.get(script)
     assert status == 200 and b"feature_cache.progress" in source
 
 
 def test_prompt_over_http_streams_progress_and_reports_in_history(server, paths):
     import websocket
-    url, base = server
+    url, base = server.url, server.base
     client_id = str(uuid.uuid4())
     ws = websocket.create_connection(url.replace("http", "ws") + f"/ws?clientId={client_id}", timeout=60)
     graph = wan_graph({**paths, "wan_labels": paths["wan_labels"]}, steps=4)
@@ -109,7 +55,7 @@ def test_prompt_over_http_streams_progress_and_reports_in_history(server, paths)
             break
     ws.close()
     assert [p["step"] for p in progress] == [1, 2, 3, 4, 4] and progress[-1]["done"]
-    _, body = _get(url + f"/history/{prompt_id}")
+    _, body = server.get(f"/history/{prompt_id}")
     outputs = json.loads(body)[prompt_id]["outputs"]
     report = outputs["cache_map"]["feature_cache_report"][0]
     assert report["evaluations_computed"] == 2 and report["evaluations_filled"] == 2
