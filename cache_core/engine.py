@@ -7,6 +7,7 @@ Caches are kept per conditioning uuid and per key (a block segment or the whole 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -164,6 +165,11 @@ class CacheRun:
             self.indicator = None if kind == NO_INDICATOR else indicator(kind)
             forced = self._forced() or not self._has_caches(keys, self.uuids)
             compute, value = self.policy_state.decide(self.indicator, forced)
+            if value is not None and not math.isfinite(value):  # e.g. a rate over a vanishing change
+                self._note_once(f"the {self.config.policy.method} indicator was not finite: that evaluation was "
+                                "computed and the policy restarted")
+                self.policy_state = self.config.policy.new_state()
+                compute, value = True, None
             self.decision = compute
             ev.indicator = value
             ev.decision = COMPUTED if compute else self.fill_action
@@ -271,8 +277,11 @@ class CacheRun:
         """A model call ran uncached for another node (its blocks differ from the run's): count it, say why once."""
         if self.trace.evaluations:
             self.trace.evaluations[-1].aside += 1
-        if reason not in self.notes:
-            self._note(reason)
+        self._note_once(reason)
+
+    def _note_once(self, message: str) -> None:
+        if message not in self.notes:
+            self._note(message)
 
     # -- report --------------------------------------------------------------------------
     def _note(self, message: str) -> None:
