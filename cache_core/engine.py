@@ -112,6 +112,8 @@ class CacheRun:
         again; its first call elects the reference if the previous one is absent (a prompt that is
         scheduled over only part of the range), and a new reference restarts the policy.
         """
+        if len(set(uuids)) < len(uuids):  # one key per chunk, never one cache for two chunks
+            uuids = [(u, uuids[:i].count(u)) for i, u in enumerate(uuids)]
         signature = (tuple(chunk(sample, len(uuids), 0).shape), sample.dtype, sample.device)
         for uuid in uuids:
             previous = self.signatures.get(uuid)

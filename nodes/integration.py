@@ -193,6 +193,13 @@ def _first(names: list, n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _conditionings(transformer_options) -> list:
+    """One key per batch chunk. The host gives the negative's copy of a regional prompt (its area on the
+    negative) the prompt's own uuid, so cond_or_uncond tells the two apart."""
+    uuids = transformer_options["uuids"]
+    return list(zip(uuids, transformer_options.get("cond_or_uncond") or [0] * len(uuids)))
+
+
 def _current_sigma(transformer_options) -> float:
     return float(transformer_options["sigmas"].flatten()[0])
 
@@ -216,7 +223,7 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
     if context is None or bool((t == 0).any()) or context.foreign(transformer_options):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     run = context.run
-    run.begin_call(transformer_options["uuids"], float(t.flatten()[0]), x)
+    run.begin_call(_conditionings(transformer_options), float(t.flatten()[0]), x)
     scale = t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
     if run.decide(["model"], lambda _kind: run.reference_chunk(x)):
         denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -246,6 +253,6 @@ class BlockPatch:
         context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
         if context is None or context.blocks is None or context.foreign(transformer_options):
             return run_block(args)
-        return context.blocks(self.kind, self.index, args, run_block, transformer_options["uuids"],
+        return context.blocks(self.kind, self.index, args, run_block, _conditionings(transformer_options),
                               _current_sigma(transformer_options))
 

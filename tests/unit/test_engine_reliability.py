@@ -124,3 +124,19 @@ def test_budget_note_of_a_small_cache_is_not_zero_mib():
     run = CacheRun(config, ["model"], SIGMAS)
     model_call(run, ["a"], 1.0, torch.ones(1, 1024))
     assert "0.0 MiB" not in run.notes[0] and "KiB" in run.notes[0]
+
+
+def test_two_chunks_with_one_uuid_keep_two_caches():
+    """The host gives a regional prompt and the negative's copy of its area one uuid: never one cache for both."""
+    run = CacheRun(fixed(2), ["model"], SIGMAS)
+    x = torch.tensor([[1.0], [5.0]])
+    outputs = []
+    for sigma in SIGMAS[:2]:
+        run.begin_call(["r", "r"], sigma, x)
+        if run.decide(["model"], lambda kind: run.reference_chunk(x)):
+            run.store("model", x * 2)
+            outputs.append(x * 2)
+        else:
+            outputs.append(run.fill("model", x))
+    assert run.trace.evaluations[1].decision != COMPUTED
+    assert torch.equal(outputs[1], torch.tensor([[2.0], [10.0]]))
