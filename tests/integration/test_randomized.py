@@ -248,6 +248,8 @@ def run_example(example, ctx) -> None:
     speed_zero = example["policy"].get("speed") == 0.0 and example["policy"].get("threshold", -1.0) < 0
     fresh_needed = False
     for number, run in enumerate(example["runs"]):
+        if not _schedule_is_finite(base, run):  # the host's own schedule is NaN (kl_optimal with 1 step)
+            continue
         log.clear()
         patched.evaluations = 0
         patched.run_tensors, patched.run_objects = [], []
@@ -271,8 +273,6 @@ def run_example(example, ctx) -> None:
         assert_unchanged(snapshots[family], base)
         if failed:
             fresh_needed = True
-            continue
-        if not _schedule_is_finite(base, run):  # the host's own schedule is NaN (kl_optimal with 1 step)
             continue
         assert torch.isfinite(output).all(), "non-finite output"
         sampled = patched.evaluations > 0
