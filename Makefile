@@ -8,7 +8,7 @@ COMFYUI_TAG := v0.3.64
 COMFYUI_REPO := https://github.com/comfyanonymous/ComfyUI.git
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast test-compat test-reliability demo bench clean
+.PHONY: setup test test-fast test-compat test-reliability test-browser demo bench bench-peers coverage clean
 
 setup: $(STAMP) .comfyui_path
 
@@ -39,8 +39,17 @@ FORCE:
 
 PYTEST := $(PY) -m pytest -c tests/pytest.ini -q -p no:logging
 
+# The browser test needs Debian's chromium (apt-get install -y chromium); without it `make test` says so and skips it.
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
+
 test: setup
-	$(PYTEST) tests
+	@if [ -z "$(CHROMIUM)" ]; then echo "*** browser test SKIPPED: chromium not found (Debian/Ubuntu: sudo apt-get install -y chromium) ***"; fi
+	$(PYTEST) -rs tests
+	@if [ -z "$(CHROMIUM)" ]; then echo "*** browser test was SKIPPED: chromium not found (Debian/Ubuntu: sudo apt-get install -y chromium) ***"; fi
+
+test-browser: setup
+	@if [ -z "$(CHROMIUM)" ]; then echo "error: chromium not found (Debian/Ubuntu: sudo apt-get install -y chromium)"; exit 1; fi
+	$(PYTEST) -rs tests/browser
 
 test-fast: setup
 	$(PYTEST) tests/unit
@@ -58,6 +67,18 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.frontier
+
+# Every model family at every cache site on the host in use: out/coverage.json and a printed matrix.
+# Second host: COMFYUI_PATH=$$HOME/ComfyUI-0.8 make coverage
+coverage: setup
+	$(PY) -m benchmarks.coverage
+
+# The other caching packs side by side (benchmarks/frontier/peers.py pins their commits): checkouts in
+# $$FC_PEERS_DIR, else .peers/ (each absent one cloned there). ComfyUI-TeaCache imports diffusers.
+FC_PEERS_DIR ?= $(CURDIR)/.peers
+bench-peers: setup
+	@$(PY) -c "import diffusers" 2>/dev/null || $(PIP) install --no-deps diffusers
+	$(PY) -m benchmarks.frontier --peers "$(FC_PEERS_DIR)" --out out/bench-peers
 
 clean:
 	rm -rf out .pytest_cache

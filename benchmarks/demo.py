@@ -1,4 +1,4 @@
-"""`make demo`: run workflows/demo.json headless in the real host, cached and uncached, and report.
+"""`make demo`: run workflows/api/demo.json headless in the real host, cached and uncached, and report.
 
 Writes out/demo/{cached.png, uncached.png, cache_map.png, report.json} and prints a short table.
 """
@@ -50,13 +50,14 @@ def run(host, graph: dict):
     start = time.perf_counter()
     outputs = host.execute(graph)
     seconds = time.perf_counter() - start
-    report = outputs.get("cache_map", {}).get("feature_cache_report", [None])[0]
-    return host.captured(graph["capture"]["inputs"]["key"]), report, seconds
+    report = next((ui["feature_cache_report"][0] for ui in outputs.values() if "feature_cache_report" in ui), None)
+    key = next(node["inputs"]["key"] for node in graph.values() if node["class_type"] == "FCFixtureCapture")
+    return host.captured(key), report, seconds
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workflow", default=os.path.join(REPO_ROOT, "workflows", "demo.json"))
+    parser.add_argument("--workflow", default=os.path.join(REPO_ROOT, "workflows", "api", "demo.json"))
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "out", "demo"))
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -79,9 +80,10 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({**report, **fidelity, "seconds_cached": cached_s, "seconds_uncached": plain_s}, f, indent=1)
 
+    setting = (f"threshold {report['threshold']:.3g}" if report["budget"] is None
+               else f"budget {report['budget']:.3f}")
     rows = [
-        ("method", f"{report['method']} (threshold {report['threshold']:.3g}), forecaster {report['forecaster']}, "
-                   f"site {report['site']}"),
+        ("method", f"{report['method']} ({setting}), forecaster {report['forecaster']}, site {report['site']}"),
         ("evaluations computed / filled", f"{report['evaluations_computed']} / {report['evaluations_filled']}"),
         ("block compute fraction", f"{report['compute_fraction']:.3f}"),
         ("ideal speedup", f"{report['ideal_speedup']:.2f}x"),
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
     for k, v in rows:
         print(f"  {k.ljust(width)}  {v}")
     print(f"outputs in {os.path.relpath(args.out, REPO_ROOT)}/: cached.png uncached.png cache_map.png report.json")
+    print(f"host log (its expected import warnings included): {os.path.relpath(host.output_dir, REPO_ROOT)}/host.log")
     return 0
 
 

@@ -70,10 +70,19 @@ CACHE_NODE_TYPES = ("FeatureCachePolicy", "FeatureCacheForecaster", "FeatureCach
 
 
 def without_cache(graph: dict) -> dict:
-    """The graph as if the cache nodes had never been added: their consumers are wired to Apply's model input."""
+    """The graph as if the cache nodes had never been added: the model's consumers are wired to Apply's model
+    input, and nodes that only showed the cache's outputs are dropped."""
     graph = copy.deepcopy(graph)
     sources = {nid: node["inputs"]["model"] for nid, node in graph.items() if node["class_type"] == "ApplyFeatureCache"}
-    graph = {nid: node for nid, node in graph.items() if node["class_type"] not in CACHE_NODE_TYPES}
+    removed = {nid for nid, node in graph.items() if node["class_type"] in CACHE_NODE_TYPES}
+    while True:  # also what only consumed them (a preview of the cache map)
+        more = {nid for nid, node in graph.items() if nid not in removed and any(
+            isinstance(v, list) and len(v) == 2 and v[0] in removed and v[0] not in sources
+            for v in node["inputs"].values())}
+        if not more:
+            break
+        removed |= more
+    graph = {nid: node for nid, node in graph.items() if nid not in removed}
     for node in graph.values():
         for name, value in node["inputs"].items():
             if isinstance(value, list) and len(value) == 2 and value[0] in sources:

@@ -218,6 +218,33 @@ def _format_execution_error(status: dict) -> str:
     return "execution did not finish"
 
 
+PACK_LOGGER = "FeatureCache"
+
+
+class _PackRecords(logging.Filter):
+    def filter(self, record):
+        return record.name == PACK_LOGGER or record.name.startswith(PACK_LOGGER + ".")
+
+
+def route_host_logs(path: str) -> None:
+    """The host's log goes to `path`; only the pack's own warnings reach stderr.
+
+    Booted headless, the host logs expected noise (torchaudio missing, two audio node files that fail
+    to import) that would drown the demo's and benchmark's results. Installed before the host is
+    imported, so its root-logger calls find a handler and never fall back to logging.basicConfig."""
+    root = logging.getLogger()
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(logging.WARNING)
+    to_stderr.addFilter(_PackRecords())
+    to_stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(to_file)
+    root.addHandler(to_stderr)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+
+
 def boot(output_dir: str | None = None, packs=None, cpu: bool = True) -> Host:
     """Boots the host once per process and loads the given packs (default: product + fixtures).
 
@@ -228,6 +255,11 @@ def boot(output_dir: str | None = None, packs=None, cpu: bool = True) -> Host:
     global _HOST
     booting = _HOST is None
     if booting:
+        if output_dir is None:
+            output_dir = tempfile.mkdtemp(prefix="fc-host-")
+            atexit.register(shutil.rmtree, output_dir, True)
+        os.makedirs(output_dir, exist_ok=True)
+        route_host_logs(os.path.join(output_dir, "host.log"))
         host_path = comfyui_path()
         # First, so the host's top-level modules (nodes, utils, ...) win over same-named ones,
         # e.g. the product's nodes/ package when the repo root is the working directory.
@@ -242,10 +274,9 @@ def boot(output_dir: str | None = None, packs=None, cpu: bool = True) -> Host:
         args.cpu = cpu
         args.deterministic = True
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what main.py sets for --deterministic
-        if output_dir is None:
-            output_dir = tempfile.mkdtemp(prefix="fc-host-")
-            atexit.register(shutil.rmtree, output_dir, True)
         _HOST = Host(os.path.abspath(output_dir))
+        import comfy.utils
+        comfy.utils.set_progress_bar_enabled(False)  # the sampler's tqdm bars would interleave with results
     loaded = len(_HOST.loaded_packs)
     for pack in DEFAULT_PACKS if packs is None else packs:
         _HOST.load_pack(pack)

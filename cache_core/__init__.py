@@ -1,16 +1,20 @@
 """The feature-cache engine: pure torch, no ComfyUI import (tested on plain tensors)."""
 from .blocks import BlockRunner
+from .budget import BudgetController, budget_for_speed
 from .engine import CacheConfig, CacheRun
 from .forecasters import FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, Forecaster, ForecasterConfig, TaylorForecaster
 from .grid import TokenGrid
-from .policies import POLICIES, EasyCache, FirstBlock, FixedInterval, Policy, TeaCache, make_policy
+from .policies import POLICIES, DiCache, EasyCache, FirstBlock, FixedInterval, MagCache, Policy, TeaCache
+from .recommended import (DEFAULT_METHOD, RECOMMENDED_FORECASTER, RECOMMENDED_PROBE_BLOCKS, RECOMMENDED_SITE,
+                          make_policy)
 from .sites import SITE_KINDS, Site
-from .tokens import TOKEN_SELECTIONS, TokenConfig
-from .trace import COMPUTED, FORECAST, REUSED, Trace, render_map
+from .tokens import TOKEN_SELECTIONS, TokenConfig, TokenLayout
+from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace
 
 __all__ = [
-    "BlockRunner", "CacheConfig", "CacheRun", "FORECASTER_KINDS", "MAX_TAYLOR_ORDER", "ORDERS", "Forecaster",
-    "ForecasterConfig", "TaylorForecaster", "TokenGrid", "POLICIES", "EasyCache", "FirstBlock", "FixedInterval",
-    "Policy", "TeaCache", "make_policy", "SITE_KINDS", "Site", "TOKEN_SELECTIONS", "TokenConfig", "COMPUTED",
-    "FORECAST", "REUSED", "Trace", "render_map",
+    "BlockRunner", "BudgetController", "budget_for_speed", "CacheConfig", "CacheRun", "FORECASTER_KINDS",
+    "MAX_TAYLOR_ORDER", "ORDERS", "Forecaster", "ForecasterConfig", "TaylorForecaster", "TokenGrid", "POLICIES",
+    "DiCache", "EasyCache", "FirstBlock", "FixedInterval", "MagCache", "Policy", "TeaCache", "DEFAULT_METHOD",
+    "RECOMMENDED_FORECASTER", "RECOMMENDED_PROBE_BLOCKS", "RECOMMENDED_SITE", "make_policy", "SITE_KINDS", "Site",
+    "TOKEN_SELECTIONS", "TokenConfig", "TokenLayout", "COMPUTED", "FORECAST", "PARTIAL", "REUSED", "Trace",
 ]

@@ -4,6 +4,14 @@ Architecture-neutral: a block is called with an `args` dict whose hidden-state e
 `streams` (e.g. Flux double blocks ("img", "txt"), Wan blocks ("img",)), and `run_block(args)`
 returns a dict with the same stream entries. A filled segment returns input + forecast residual at
 its first block and passes its input through the rest, so skipped blocks cost nothing.
+
+Models may add to a stream between blocks (ControlNet residuals, VACE hints). Those additions are not
+part of a segment's cached residual: within a computed segment, what arrived at a block beyond the
+previous block's output is added to the segment's base, so on a filled step the host adds the current
+additions on top of the filled value and block skipping stays correct.
+A block that ends a stream (SD3's last block returns no text) passes that stream through.
+With token-level recompute, a partial segment also runs each of its blocks on a subset of the tokens
+(see tokens.py); `token_layouts` (per kind) says where the tokens are.
 """
 from __future__ import annotations
 
@@ -13,9 +21,10 @@ import torch
 
 from .engine import CacheRun
 from .grid import TokenGrid
-from .policies import INPUT, MODULATED_INPUT, PROBE_RESIDUAL
+from .policies import INPUT, MODULATED_INPUT, PROBE_INDICATORS, PROBE_OUTPUT, PROBE_RESIDUAL
 from .sites import CORRECTOR, PROBE, BlockPlan
-from .trace import COMPUTED
+from .tokens import gather
+from .trace import COMPUTED, PARTIAL
 
 ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]
 TokenGridOf = Callable[[str, str], Optional[TokenGrid]]  # (block kind, stream) -> its image-token grid
@@ -33,17 +42,31 @@ class _Call:
         self.probe_kind: Optional[str] = None
         self.probe_base: Optional[torch.Tensor] = None
         self.probe_out: Optional[torch.Tensor] = None
-        self.segment_inputs: dict = {}
+        self.segment_inputs: dict = {}  # per stream: the segment's input plus what was added between its blocks
+        self.last_out: dict = {}  # per stream: a copy of the previous block's output within the segment
+        self.text_lengths: dict = {}  # text token counts seen in this call, by args entry
+        self.selection: Optional[torch.Tensor] = None  # tokens a partial call recomputes
+        self.partial: Optional[_PartialSegment] = None
+
+
+class _PartialSegment:
+    """A partial segment in progress: the filled token residual, the subset's input rows and hidden states."""
+
+    def __init__(self, fill: torch.Tensor, inputs: torch.Tensor):
+        self.fill = fill
+        self.inputs = inputs
+        self.state: Optional[dict] = None
 
 
 class BlockRunner:
     def __init__(self, run: CacheRun, plan: BlockPlan, streams: dict, modulated_input: Optional[ModulatedInput] = None,
-                 token_grid: Optional[TokenGridOf] = None):
+                 token_grid: Optional[TokenGridOf] = None, token_layouts: Optional[dict] = None):
         self.run = run
         self.plan = plan
         self.streams = streams
         self.modulated_input = modulated_input
         self.token_grid = token_grid
+        self.token_layouts = token_layouts or {}
         self.segment_keys = [(seg.key, s) for seg in plan.segments for s in streams[seg.kind]]
         self.call = _Call()
 
@@ -56,6 +79,8 @@ class BlockRunner:
             self.call = _Call()
             if self.run.config.policy.indicator == MODULATED_INPUT:
                 self.call.modulated = self._modulated(kind, index, args, streams)
+        if self.run.tokens is not None:
+            self._text_length(kind, args)  # Flux single blocks learn the text length from the double blocks
         if role == PROBE:
             return self._probe(kind, g, args, run_block, streams)
         if role == CORRECTOR:
@@ -68,7 +93,7 @@ class BlockRunner:
         return value if value is not None else args[streams[0]]  # no modulation known: the raw input
 
     def _probe(self, kind, g, args, run_block, streams):
-        if self.call.probe_kind != kind and self.run.config.policy.indicator == PROBE_RESIDUAL:
+        if self.call.probe_kind != kind and self.run.config.policy.indicator in PROBE_INDICATORS:
             self.call.probe_kind, self.call.probe_base = kind, args[streams[0]].clone()
         out = run_block(args)
         self.call.probe_out = out[streams[0]]
@@ -77,18 +102,32 @@ class BlockRunner:
 
     def _indicator(self, kind_of_indicator: str) -> Optional[torch.Tensor]:
         if kind_of_indicator == PROBE_RESIDUAL:
-            source = None if self.call.probe_out is None else self.call.probe_out - self.call.probe_base
+            source = self._probe_residual()
+        elif kind_of_indicator == PROBE_OUTPUT:
+            source = self.call.probe_out
         else:
             source = {MODULATED_INPUT: self.call.modulated, INPUT: self.call.decision_input}[kind_of_indicator]
         reference = None if source is None else self.run.reference_chunk(source)
         return None if reference is None else reference.clone()
 
+    def _probe_residual(self) -> Optional[torch.Tensor]:
+        return None if self.call.probe_out is None else self.call.probe_out - self.call.probe_base
+
     def _cached(self, kind, index, g, segment_number, args, run_block, streams):
         segment = self.plan.segments[segment_number]
         if g == self.plan.decision_block:
             self.call.decision_input = args[streams[0]]
+            probed = self.run.config.policy.indicator in PROBE_INDICATORS and self.call.probe_out is not None
+            if probed:
+                self.run.observe_probe(self._probe_residual())
             self.call.compute = self.run.decide(self.segment_keys, self._indicator)
             self.call.decision_input = None
+            if probed and self.call.compute:
+                self.run.probe_computed()
+            if self.run.tokens is not None:
+                self.call.selection = self.run.token_selection(self.call.compute, self._tokens(kind, args))
+        if not self.call.compute and self.call.selection is not None:
+            return self._partial(kind, index, g, segment, args, run_block, streams)
         if not self.call.compute:
             self.run.mark(g, self.run.fill_action)
             if index != segment.first:
@@ -96,14 +135,75 @@ class BlockRunner:
             return {s: args[s] + self.run.fill((segment.key, s), args[s]) for s in streams}
         if index == segment.first:
             self.call.segment_inputs = {s: args[s].clone() for s in streams}
+        else:
+            for s in streams:
+                self.call.segment_inputs[s] += args[s] - self.call.last_out[s]
         out = run_block(args)
+        out = {**out, **{s: args[s] for s in streams if out.get(s) is None}}
         self.run.mark(g, COMPUTED)
-        if index == segment.last:
+        if index != segment.last:
+            self.call.last_out = {s: out[s].clone() for s in streams}
+        else:
+            residuals = {s: out[s] - self.call.segment_inputs[s] for s in streams}
             for s in streams:
                 grid = self.token_grid(kind, s) if self.token_grid else None
-                self.run.store((segment.key, s), out[s] - self.call.segment_inputs[s], grid)
+                self.run.store((segment.key, s), residuals[s], grid)
             if segment_number == 0:
                 reference = self.run.reference_chunk(out[streams[0]])
                 if reference is not None:
-                    self.run.computed(reference)
+                    self.run.computed(reference, self.run.reference_chunk(residuals[streams[0]]))
+        return out
+
+    # -- token-level partial recompute ------------------------------------------------------
+    def _text_length(self, kind: str, args: dict) -> int:
+        layout = self.token_layouts[kind]
+        if layout.text is None:
+            return 0
+        if layout.text in args:
+            self.call.text_lengths[layout.text] = args[layout.text].shape[1]
+        if layout.text not in self.call.text_lengths:
+            raise ValueError(
+                f"token-level recompute: the text length ('{layout.text}') of the {kind} blocks is unknown")
+        return self.call.text_lengths[layout.text]
+
+    def _tokens(self, kind: str, args: dict) -> torch.Tensor:
+        """The image/video token rows of a block's token stream."""
+        layout = self.token_layouts[kind]
+        skip = self._text_length(kind, args) if layout.text_in_stream else 0
+        return args[layout.stream][:, skip:]
+
+    def _partial(self, kind, index, g, segment, args, run_block, streams):
+        """A filled segment whose selected tokens run through each of its blocks; their fresh residual
+        replaces the filled one at the segment's last block."""
+        layout = self.token_layouts[kind]
+        text = self._text_length(kind, args)
+        skip = text if layout.text_in_stream else 0
+        selection = self.call.selection
+        if index == segment.first:
+            fill = self.run.fill((segment.key, layout.stream), args[layout.stream])
+            token_fill = fill[:, skip:]
+            correction = self.run.tokens.correction(segment.key, self.run.uuids, token_fill)
+            if correction is not None:
+                token_fill += correction  # the fill is a fresh tensor: its token rows take the correction
+            sub = gather(args, layout, streams, selection, text)
+            self.call.partial = _PartialSegment(token_fill, sub[layout.stream][:, skip:].clone())
+            out = {s: args[s] for s in streams}  # other streams come from the run at the segment's end
+            out[layout.stream] = args[layout.stream] + fill
+        else:
+            sub = gather(args, layout, streams, selection, text, self.call.partial.state)
+            out = {s: args[s] for s in streams}
+        sub_out = run_block(sub)
+        self.call.partial.state = {s: sub_out[s] for s in streams}
+        tokens = self.call.partial.fill.shape[1]
+        self.run.mark(g, PARTIAL, (text + selection.numel()) / (text + tokens))  # rows run / rows of a full run
+        if index == segment.last:  # rows that ran come from the run, the other tokens keep their fill
+            computed = sub_out[layout.stream][:, skip:]
+            change = self.run.tokens.update(segment.key, self.run.uuids, self.call.partial.fill, selection,
+                                            computed - self.call.partial.inputs)
+            rows = out[layout.stream][:, skip:]
+            rows = (rows if change is None else rows + change).index_copy(1, selection, computed)
+            out = {s: sub_out[s] for s in streams}
+            out[layout.stream] = torch.cat([sub_out[layout.stream][:, :skip], rows], 1) if skip else rows
+            self.run.account_tokens()
+            self.call.partial = None
         return out

@@ -15,12 +15,13 @@ import torch
 
 from .forecasters import ForecasterConfig
 from .grid import TokenGrid, grid_for
-from .policies import NO_INDICATOR, PROBE_RESIDUAL, FixedInterval, Policy
+from .policies import NO_INDICATOR, PROBE_INDICATORS, FixedInterval, Policy
 from .sites import Site
-from .tokens import TokenConfig
-from .trace import COMPUTED, FORECAST, REUSED, Trace
+from .tokens import TokenConfig, TokenState
+from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace
 
 log = logging.getLogger("FeatureCache")
+BUDGET_TOLERANCE = 0.05
 # A fill's forecast must have a norm within [min / GUARD_BAND, max * GUARD_BAND] of the norms of the
 # values computed for it so far; outside (or not finite) it is an overshoot and reuse replaces it.
 GUARD_BAND = 2.0
@@ -36,14 +37,16 @@ class CacheConfig:
     memory_budget_mb: float = 0.0  # 0: unlimited
 
     def __post_init__(self):
-        if self.policy.indicator == PROBE_RESIDUAL and self.site.probe_blocks < 1:
+        if self.policy.indicator in PROBE_INDICATORS and self.site.probe_blocks < 1:
             raise ValueError(
-                f"the '{self.policy.method}' policy reads the residual of probe blocks: use the 'span' or 'blocks' "
-                "site with probe_blocks >= 1")
+                f"the '{self.policy.method}' policy reads the always-computed probe blocks, which the "
+                f"'{self.site.kind}' site with probe_blocks {self.site.probe_blocks} does not have: on Apply Feature "
+                "Cache set site to 'span' or 'blocks' with probe_blocks >= 1")
         if self.memory_budget_mb < 0:
             raise ValueError("memory_budget_mb must be >= 0 (0 means unlimited)")
         if self.tokens is not None and not self.site.uses_blocks:
-            raise ValueError("token-level recompute needs a block site ('span' or 'blocks'), not 'model'")
+            raise ValueError("token-level recompute (the tokens input) needs a block site: choose site 'span' or "
+                             "'blocks', not 'model', or disconnect the tokens input")
 
     def describe(self) -> dict:
         return {
@@ -53,6 +56,7 @@ class CacheConfig:
             "site": self.site.kind,
             "probe_blocks": self.site.probe_blocks,
             "corrector_blocks": self.site.corrector_blocks,
+            "tokens": None if self.tokens is None else self.tokens.label,
         }
 
 
@@ -81,12 +85,24 @@ class CacheRun:
         self.notes: list[str] = []
         self.peak_bytes = 0
         self.over_budget = False
+        self._budget_noted = False
         self.guarded_fills = 0
         self.guard_computes = 0
         self._reset_state()
 
+    @property
+    def fill_cost(self) -> float:
+        """Share of the block work a filled evaluation still does (the probe and corrector blocks)."""
+        site = self.config.site
+        return (site.probe_blocks + site.corrector_blocks) / len(self.trace.rows) if site.uses_blocks else 0.0
+
+    @property
+    def steps(self) -> int:
+        return max(1, len(self.schedule) - 1)
+
     def _reset_state(self):
         self.policy_state = self.config.policy.new_state()
+        self.gate = self.config.policy.new_gate(self.steps, self.fill_cost)
         self.forecasters: dict = {}
         self.norm_bands: dict = {}  # (key, uuid) -> (min, max) norm of its computed values, 0-dim tensors
         self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
@@ -102,6 +118,7 @@ class CacheRun:
         self.last_reference_compute = -1  # evaluation index of the reference's latest compute
         self.uuids: list = []
         self.seen: set = set()  # uuids called in the current evaluation
+        self.tokens = TokenState(self.config.tokens) if self.config.tokens is not None else None
 
     # -- calls and evaluations -------------------------------------------------------------
     def begin_call(self, uuids: list, sigma: float, sample: torch.Tensor) -> None:
@@ -156,33 +173,46 @@ class CacheRun:
         policy = self.config.policy
         return (self.over_budget
                 or ev.index < policy.warmup_steps
+                or ev.step < int(policy.effective_retention(self.gate.compute_share) * self.steps)
                 or not (self.active_high >= ev.sigma > self.active_low)
-                or (policy.max_consecutive > 0 and self.consecutive_fills >= policy.max_consecutive))
+                or 0 < policy.effective_max_consecutive(self.gate.compute_share) <= self.consecutive_fills)
 
-    def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]]) -> bool:
-        """True to compute. `keys` are the cached values a fill would need for every uuid of the call."""
+    def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]],
+               forced_by: Optional[str] = None) -> bool:
+        """True to compute. `keys` are the cached values a fill would need for every uuid of the call.
+
+        `forced_by` names why this call cannot be filled (e.g. ControlNet residuals entering skipped
+        blocks); the evaluation is computed and its trace entry says why."""
         ev = self.trace.evaluations[-1]
         if self.decision is None and self.ref_uuid in self.uuids:
             kind = self.config.policy.indicator
             self.indicator = None if kind == NO_INDICATOR else indicator(kind)
-            forced = self._forced() or not self._has_caches(keys, self.uuids)
-            compute, value = self.policy_state.decide(self.indicator, forced)
+            forced = bool(forced_by) or self._forced() or not self._has_caches(keys, self.uuids)
+            value = self.policy_state.measure(ev.sigma, self.indicator)
             if value is not None and not math.isfinite(value):  # e.g. a rate over a vanishing change
                 self._note_once(f"the {self.config.policy.method} indicator was not finite: that evaluation was "
                                 "computed and the policy restarted")
                 self.policy_state = self.config.policy.new_state()
-                compute, value = True, None
+                value = None
+            self.gate.count()
+            compute = forced or value is None or self.gate.wants_compute(value, ev.step)
+            self.gate.record(value, compute)
+            self.policy_state.decided(compute)
             self.decision = compute
             ev.indicator = value
             ev.decision = COMPUTED if compute else self.fill_action
+            ev.forced_by = forced_by
             self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
             if compute:
                 self.last_reference_compute = ev.index
-        compute = self.decision is None or self.decision or not self._has_caches(keys, self.uuids)
+        compute = (bool(forced_by) or self.decision is None or self.decision
+                   or not self._has_caches(keys, self.uuids))
         if not compute and not self._prepare_fills(keys):
             self.guard_computes += 1  # no safe fill: this evaluation computes after all
             compute = True
             if self.ref_uuid in self.uuids:
+                self.gate.overruled()
+                self.policy_state.decided(True)
                 self.decision = True
                 self.consecutive_fills = 0
                 self.last_reference_compute = ev.index
@@ -195,7 +225,8 @@ class CacheRun:
         the band of the computed values' norms, makes its key fill with the last computed value for every
         conditioning of the evaluation (cond and uncond filled alike, so CFG does not amplify a difference).
         False when some value has no safe fill (its last computed value is not finite either)."""
-        self.prepared = {(k, u): self.forecasters[(k, u)].predict(self.sigma) for k in keys for u in self.uuids}
+        self.prepared = {(k, u): self.forecasters[(k, u)].predict(self.policy_state.fill_time(u, self.sigma))
+                         for k in keys for u in self.uuids}
         checks = []
         for slot, forecast in self.prepared.items():
             norm = forecast.float().norm()
@@ -214,17 +245,45 @@ class CacheRun:
             self.guarded_fills += 1
         return True
 
-    def computed(self, output_ref: torch.Tensor) -> None:
-        """Feed the policy the reference chunk's output of a computed evaluation."""
+    def token_selection(self, compute: bool, features: torch.Tensor) -> Optional[torch.Tensor]:
+        """Token indices this call's cached segments recompute on a partial evaluation (None: compute or fill
+        whole). `features` [B, N, C]: the image tokens at the first cached block."""
+        if self.tokens is None:
+            return None
+        ev = self.trace.evaluations[-1]
+        partial = not compute and self.tokens.partial_step(self.consecutive_fills)
+        if partial and self.ref_uuid in self.uuids:
+            ev.decision = PARTIAL
+        reference = self.uuids.index(self.ref_uuid) if self.ref_uuid in self.uuids else -1
+        index = self.tokens.select(features, self.uuids, ev.index, compute, partial, reference)
+        self.account_tokens()
+        return index
+
+    def account_tokens(self) -> None:
+        """Token memory (per-token inputs, fill corrections) counts towards the peak cache bytes."""
+        self.peak_bytes = max(self.peak_bytes, self.cache_bytes + self.tokens.nbytes)
+
+    def computed(self, output_ref: torch.Tensor, residual_ref: torch.Tensor) -> None:
+        """Feed the policy the reference chunk's output and residual of a computed evaluation."""
         if self.ref_uuid in self.uuids and self.decision:
-            self.policy_state.computed(self.indicator, output_ref)
+            self.policy_state.computed(self.sigma, self.indicator, output_ref, residual_ref)
+
+    def observe_probe(self, residual: torch.Tensor) -> None:
+        """The probe blocks' residual of every conditioning of the call, before the decision (fills read it)."""
+        for i, uuid in enumerate(self.uuids):
+            self.policy_state.observe_probe(uuid, chunk(residual, len(self.uuids), i))
+
+    def probe_computed(self) -> None:
+        """The call computes: its observed probe residuals belong to computed points."""
+        for uuid in self.uuids:
+            self.policy_state.probe_computed(uuid, self.sigma)
 
     @property
     def fill_action(self) -> str:
         return REUSED if self.config.forecaster.is_reuse else FORECAST
 
-    def mark(self, row: int, action: str) -> None:
-        self.trace.mark(row, action)
+    def mark(self, row: int, action: str, fraction: Optional[float] = None) -> None:
+        self.trace.mark(row, action, fraction)
 
     # -- caches --------------------------------------------------------------------------
     def _has_caches(self, keys, uuids) -> bool:
@@ -292,6 +351,12 @@ class CacheRun:
 
     def report(self) -> dict:
         fraction = self.trace.compute_fraction()
+        budget = self.gate.budget
+        if budget is not None and abs(fraction - budget) > BUDGET_TOLERANCE and not self._budget_noted:
+            self._budget_noted = True
+            self._note(f"compute fraction {fraction:.3f} missed the budget {budget:.3f}: forced computes (warmup, "
+                       "retention, start/end, max consecutive, policy needing data) or the always-computed probe/"
+                       "corrector blocks set a floor above it, or the run's evaluations differed from the schedule's")
         decisions = [ev.decision for ev in self.trace.evaluations]
         notes = list(self.notes)
         if self.guarded_fills:
@@ -305,8 +370,10 @@ class CacheRun:
             "evaluations": len(decisions),
             "evaluations_computed": sum(d == COMPUTED for d in decisions),
             "evaluations_filled": sum(d != COMPUTED for d in decisions),
+            "evaluations_partial": sum(d == PARTIAL for d in decisions),
             "cells": self.trace.counts(),
             "calls_stood_aside": sum(ev.aside for ev in self.trace.evaluations),
+            "budget": self.gate.budget,
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
             "peak_cache_bytes": self.peak_bytes,

@@ -1,49 +1,83 @@
 """When to compute: policies decide, per model evaluation, compute vs. fill.
 
 A policy is a frozen config (what the user set) plus a fresh per-run state. The state reads one
-cheap indicator tensor chosen by `Policy.indicator` and returns (compute?, indicator value).
-Common gating (warmup, schedule range, max consecutive fills) lives in the engine, not here;
-the state is told when the engine forces a compute so its accumulators stay consistent.
+cheap indicator tensor chosen by `Policy.indicator` and turns it into a value that grows while the
+cache goes stale; the shared gate (cache_core/budget.py) compares it with a threshold: the
+expert's `threshold`, or the one the budget controller sets from `speed`.
+Common gating (warmup, retention, schedule range, max consecutive fills) lives in the engine; the
+state is told every decision so its accumulators stay consistent.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .budget import BudgetController, ThresholdGate, budget_for_speed
+from .calibration import MagnitudeCurve
+
 # Indicators a site can provide to a policy at its decision point.
 NO_INDICATOR = "none"
 INPUT = "input"  # the cached region's input (the model input at the whole-model site)
 MODULATED_INPUT = "modulated_input"  # timestep-modulated input of the first block (TeaCache)
 PROBE_RESIDUAL = "probe_residual"  # residual of the always-computed probe blocks (first-block cache)
+PROBE_OUTPUT = "probe_output"  # output of the always-computed probe blocks (DiCache)
+PROBE_INDICATORS = (PROBE_RESIDUAL, PROBE_OUTPUT)
+
+# TeaCache's published rescaling polynomials (highest power first), fitted per model on the relative
+# L1 change of the indicator against that of the model output. Source: TeaCache (Liu et al., CVPR
+# 2025) as shipped in welltop-cn/ComfyUI-TeaCache nodes.py (SUPPORTED_MODELS_COEFFICIENTS).
+# Only families whose published indicator is the one our adapter computes are listed: Flux's and
+# HunyuanVideo's is the timestep-modulated image input of double block 0, as ours. Wan's published
+# polynomials (e.g. 1.3B: 2396.77, -1311.11, 201.33, -8.30, 0.138) are fitted on the time embedding,
+# which the Wan block does not receive, so Wan runs on the raw change; LTXV's (21.47, -12.80, 2.31,
+# 0.792, 0.00969) on an indicator our LTXV adapter does not compute.
+TEACACHE_COEFFICIENTS = {
+    "flux": (4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01),
+    "hunyuan_video": (7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02),
+}
+
+# DiCache's clip of the alignment gain per family (authors' defaults, design note 6).
+DICACHE_MAX_GAIN = {"flux": 1.5, "hunyuan_video": 1.5, "wan": 2.0}
+DEFAULT_DICACHE_MAX_GAIN = 1.5
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """mean |a - b| / mean |b|: the change measure TeaCache, first-block cache and EasyCache share."""
+    """mean |a - b| / mean |b|: the change measure TeaCache, first-block cache, DiCache and EasyCache share."""
     denom = previous.abs().mean()
     return float((current - previous).abs().mean() / denom.clamp_min(1e-12))
 
 
+def polynomial(coefficients: tuple, x: float) -> float:
+    """Horner evaluation, highest power first; no coefficients: x itself."""
+    if not coefficients:
+        return x
+    value = 0.0
+    for c in coefficients:
+        value = value * x + c
+    return value
+
+
 @dataclass(frozen=True)
 class Policy:
-    """Common settings. `speed` in [0, 1] maps to the method's threshold; 0 computes every step."""
+    """Common settings. `speed` in [0, 1] sets the compute budget (budget.py); `threshold` overrides it."""
 
     speed: float = 0.5
-    threshold: Optional[float] = None  # overrides the speed mapping when set
+    threshold: Optional[float] = None  # expert override: a fixed threshold, budget control off
     start_percent: float = 0.0
     end_percent: float = 1.0
     warmup_steps: int = 1
     max_consecutive: int = 0  # 0: unlimited
+    retention_ratio: float = 0.0  # this fraction of the first sampler steps is always computed
 
     method = "base"
     indicator = NO_INDICATOR
-    speed_to_threshold = 1.0  # threshold at speed 1
 
     def __post_init__(self):
-        if not 0.0 <= self.speed <= 1.0:
-            raise ValueError(f"speed must be within [0, 1], got {self.speed}")
+        budget_for_speed(self.speed)  # validates the range
         if not 0.0 <= self.start_percent < self.end_percent <= 1.0:
             raise ValueError(
                 f"start_percent ({self.start_percent}) must be below end_percent ({self.end_percent}), both in [0, 1]")
@@ -51,31 +85,78 @@ class Policy:
             raise ValueError("warmup_steps and max_consecutive must be >= 0")
         if self.threshold is not None and self.threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        if not 0.0 <= self.retention_ratio < 1.0:
+            raise ValueError(f"retention_ratio must be in [0, 1), got {self.retention_ratio}")
 
     @property
-    def effective_threshold(self) -> float:
-        return self.threshold if self.threshold is not None else self.speed * self.speed_to_threshold
+    def budget(self) -> Optional[float]:
+        """The compute budget from `speed`; None when the expert threshold is set."""
+        return None if self.effective_threshold is not None else budget_for_speed(self.speed)
+
+    @property
+    def effective_threshold(self) -> Optional[float]:
+        return self.threshold
+
+    def effective_retention(self, compute_share: Optional[float]) -> float:
+        """With a budget, the always-computed start takes at most half of the computes it allows (the
+        authors' 20% assumes ~2-3x). `compute_share`: computes / evaluations the budget allows."""
+        return self.retention_ratio if compute_share is None else min(self.retention_ratio, compute_share / 2)
+
+    def effective_max_consecutive(self, compute_share: Optional[float]) -> int:
+        """With a budget, the limit on consecutive fills leaves room to reach it (at least 2 / share - 1)."""
+        if compute_share is None or self.max_consecutive == 0:
+            return self.max_consecutive
+        return max(self.max_consecutive, math.ceil(2.0 / max(compute_share, 1e-3)) - 1)
+
+    def new_gate(self, steps: int, fill_cost: float):
+        if self.budget is None:
+            return ThresholdGate(self.effective_threshold)
+        return BudgetController(self.budget, steps, fill_cost)
+
+    def for_family(self, family: Optional[str]) -> "Policy":
+        """This config with the defaults of a model family (from the nodes' adapter) filled in."""
+        return self
+
+    @property
+    def forecaster_order(self) -> Optional[int]:
+        """The Taylor order the method's fills are defined with when no forecaster is chosen (None: any)."""
+        return None
 
     def new_state(self) -> "PolicyState":
         raise NotImplementedError
 
 
 class PolicyState:
-    def decide(self, indicator: Optional[torch.Tensor], forced: bool) -> tuple[bool, Optional[float]]:
+    """Per-run state. `measure` gives the value the gate compares (None: cannot fill yet)."""
+
+    def measure(self, sigma: float, indicator: Optional[torch.Tensor]) -> Optional[float]:
         raise NotImplementedError
 
-    def computed(self, indicator: Optional[torch.Tensor], output: torch.Tensor) -> None:
-        """Called after every compute with the cached region's output (reference chunk)."""
+    def decided(self, compute: bool) -> None:
+        """Told after every decision, forced ones included."""
+
+    def computed(self, sigma: float, indicator: Optional[torch.Tensor], output: torch.Tensor,
+                 residual: torch.Tensor) -> None:
+        """Called after every compute with the cached region's output and residual (reference chunk)."""
+
+    def observe_probe(self, uuid, residual: torch.Tensor) -> None:
+        """Every evaluation of every conditioning at a probe site, before its decision: the probe blocks' residual."""
+
+    def probe_computed(self, uuid, sigma: float) -> None:
+        """The conditioning's evaluation whose probe was observed last is computed."""
+
+    def fill_time(self, uuid, sigma: float) -> float:
+        """The time at which the forecaster is asked for a fill (DiCache remaps it)."""
+        return sigma
 
 
 @dataclass(frozen=True)
 class FixedInterval(Policy):
-    """FORA-style: compute one evaluation in every `interval`; speed 1 means interval 6."""
+    """FORA-style: compute one evaluation in every `interval`; with a budget, evenly spaced computes."""
 
-    interval: Optional[int] = None  # overrides the speed mapping when set
+    interval: Optional[int] = None  # expert override of the budget
 
     method = "fixed"
-    max_interval = 6
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,74 +164,70 @@ class FixedInterval(Policy):
             raise ValueError(f"interval must be >= 1, got {self.interval}")
 
     @property
-    def effective_interval(self) -> int:
+    def effective_threshold(self) -> Optional[float]:
         if self.interval is not None:
-            return self.interval
-        if self.threshold is not None:
-            return max(1, round(self.threshold))
-        return 1 + round(self.speed * (self.max_interval - 1))
-
-    @property
-    def effective_threshold(self) -> float:
-        return float(self.effective_interval - 1)
+            return float(self.interval)
+        return None if self.threshold is None else float(max(1, round(self.threshold)))
 
     def new_state(self):
-        return _FixedIntervalState(self.effective_interval)
+        return _CountingState()
 
 
-class _FixedIntervalState(PolicyState):
-    def __init__(self, interval: int):
-        self.interval = interval
-        self.since_compute = interval - 1  # the first evaluation computes
+class _CountingState(PolicyState):
+    """Value = evaluations since the last compute, this one included: the gate spaces computes evenly."""
 
-    def decide(self, indicator, forced):
-        compute = forced or self.since_compute + 1 >= self.interval
+    def __init__(self):
+        self.since_compute = None
+
+    def measure(self, sigma, indicator):
+        return None if self.since_compute is None else float(self.since_compute + 1)
+
+    def decided(self, compute):
         self.since_compute = 0 if compute else self.since_compute + 1
-        return compute, float(self.since_compute)
+
+
+class _AccumulatedChangeState(PolicyState):
+    """Accumulated (rescaled) relative change of the indicator between consecutive evaluations."""
+
+    def __init__(self, coefficients: tuple = ()):
+        self.coefficients = coefficients
+        self.previous: Optional[torch.Tensor] = None
+        self.accumulated = 0.0
+
+    def measure(self, sigma, indicator):
+        if indicator is None:
+            return None
+        first = self.previous is None
+        if not first:
+            self.accumulated += max(0.0, polynomial(self.coefficients, relative_l1(indicator, self.previous)))
+        self.previous = indicator.detach().clone()
+        return None if first else self.accumulated
+
+    def decided(self, compute):
+        if compute:
+            self.accumulated = 0.0
 
 
 @dataclass(frozen=True)
 class TeaCache(Policy):
     """Accumulated relative-L1 change of the timestep-modulated input; compute when it reaches the threshold.
 
-    `coefficients` (highest power first) rescale the raw change per model, as in TeaCache; none = raw.
+    `coefficients` (highest power first) rescale the raw change per model family, as in TeaCache;
+    none = raw change. The nodes fill in the family's published polynomial (TEACACHE_COEFFICIENTS).
     """
 
     coefficients: tuple = ()
 
     method = "teacache"
     indicator = MODULATED_INPUT
-    speed_to_threshold = 0.8
+
+    def for_family(self, family):
+        if self.coefficients or family not in TEACACHE_COEFFICIENTS:
+            return self
+        return dataclasses.replace(self, coefficients=TEACACHE_COEFFICIENTS[family])
 
     def new_state(self):
-        return _AccumulatedChangeState(self.effective_threshold, self.coefficients)
-
-
-class _AccumulatedChangeState(PolicyState):
-    def __init__(self, threshold: float, coefficients: tuple):
-        self.threshold = threshold
-        self.coefficients = coefficients
-        self.previous: Optional[torch.Tensor] = None
-        self.accumulated = 0.0
-
-    def _rescale(self, change: float) -> float:
-        if not self.coefficients:
-            return change
-        value = 0.0
-        for c in self.coefficients:
-            value = value * change + c
-        return value
-
-    def decide(self, indicator, forced):
-        first = self.previous is None
-        if not first and indicator is not None:
-            self.accumulated += self._rescale(relative_l1(indicator, self.previous))
-        self.previous = None if indicator is None else indicator.detach().clone()
-        value = self.accumulated
-        compute = forced or first or self.accumulated >= self.threshold
-        if compute:
-            self.accumulated = 0.0
-        return compute, value
+        return _AccumulatedChangeState(self.coefficients)
 
 
 @dataclass(frozen=True)
@@ -159,36 +236,35 @@ class EasyCache(Policy):
 
     method = "easycache"
     indicator = INPUT
-    speed_to_threshold = 0.1
 
     def new_state(self):
-        return _TransformationRateState(self.effective_threshold)
+        return _TransformationRateState()
 
 
 class _TransformationRateState(PolicyState):
-    def __init__(self, threshold: float):
-        self.threshold = threshold
+    def __init__(self):
         self.input_at_compute: Optional[torch.Tensor] = None
         self.output_at_compute: Optional[torch.Tensor] = None
         self.rate: Optional[float] = None
         self.accumulated = 0.0
         self.pending_input_change: Optional[float] = None
 
-    def decide(self, indicator, forced):
-        value = None
+    def measure(self, sigma, indicator):
         self.pending_input_change = None
-        if self.input_at_compute is not None and indicator is not None:
-            self.pending_input_change = float((indicator - self.input_at_compute).abs().mean())
-            if self.rate is not None:
-                output_norm = float(self.output_at_compute.abs().mean())
-                self.accumulated += self.rate * self.pending_input_change / max(output_norm, 1e-12)
-                value = self.accumulated
-        compute = forced or value is None or self.accumulated >= self.threshold
+        if self.input_at_compute is None or indicator is None:
+            return None
+        self.pending_input_change = float((indicator - self.input_at_compute).abs().mean())
+        if self.rate is None:
+            return None
+        output_norm = float(self.output_at_compute.abs().mean())
+        self.accumulated += self.rate * self.pending_input_change / max(output_norm, 1e-12)
+        return self.accumulated
+
+    def decided(self, compute):
         if compute:
             self.accumulated = 0.0
-        return compute, value
 
-    def computed(self, indicator, output):
+    def computed(self, sigma, indicator, output, residual):
         if indicator is None:
             return
         if self.output_at_compute is not None and self.pending_input_change:
@@ -205,31 +281,156 @@ class FirstBlock(Policy):
 
     method = "first_block"
     indicator = PROBE_RESIDUAL
-    speed_to_threshold = 0.24
 
     def new_state(self):
-        return _ProbeResidualState(self.effective_threshold)
+        return _ProbeResidualState()
 
 
 class _ProbeResidualState(PolicyState):
-    def __init__(self, threshold: float):
-        self.threshold = threshold
+    def __init__(self):
         self.residual_at_compute: Optional[torch.Tensor] = None
+        self.current: Optional[torch.Tensor] = None
 
-    def decide(self, indicator, forced):
-        value = None
-        if self.residual_at_compute is not None and indicator is not None:
-            value = relative_l1(indicator, self.residual_at_compute)
-        compute = forced or value is None or value >= self.threshold
-        if compute and indicator is not None:
-            self.residual_at_compute = indicator.detach().clone()
-        return compute, value
+    def measure(self, sigma, indicator):
+        self.current = indicator
+        if self.residual_at_compute is None or indicator is None:
+            return None
+        return relative_l1(indicator, self.residual_at_compute)
+
+    def decided(self, compute):
+        if compute and self.current is not None:
+            self.residual_at_compute = self.current.detach().clone()
 
 
-POLICIES = {cls.method: cls for cls in (FixedInterval, TeaCache, EasyCache, FirstBlock)}
+@dataclass(frozen=True)
+class DiCache(Policy):
+    """DiCache: the probe decides when, and its trajectory says how far along the deep residual to fill.
+
+    When: the accumulated relative change of the probe blocks' output between evaluations. How: a
+    fill asks the forecaster (linear through the last two computes) at the remapped time
+    t' = t(k-1) + g (t(k) - t(k-1)), i.e. out = input + R(k-1) + g (R(k) - R(k-1)), with
+    g = mean|p(t) - P(k-1)| / mean|P(k) - P(k-1)| on the probe residuals, clipped to [1, max_gain];
+    g = 1 is plain reuse. Each conditioning keeps its own probe history and gain.
+    """
+
+    retention_ratio: float = 0.2
+    max_gain: Optional[float] = None  # None: the family's default (DICACHE_MAX_GAIN)
+
+    method = "dicache"
+    indicator = PROBE_OUTPUT
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_gain is not None and self.max_gain < 1.0:
+            raise ValueError(f"DiCache max_gain must be >= 1 (1 = plain reuse), got {self.max_gain}")
+
+    @property
+    def forecaster_order(self):
+        return 1  # the aligned fill is linear through the last two computes
+
+    def for_family(self, family):
+        if self.max_gain is not None:
+            return self
+        return dataclasses.replace(self, max_gain=DICACHE_MAX_GAIN.get(family, DEFAULT_DICACHE_MAX_GAIN))
+
+    def new_state(self):
+        return _ProbeAlignedState(self.max_gain or DEFAULT_DICACHE_MAX_GAIN)
 
 
-def make_policy(method: str, **settings) -> Policy:
-    if method not in POLICIES:
-        raise ValueError(f"unknown cache policy '{method}'; available: {', '.join(POLICIES)}")
-    return POLICIES[method](**settings)
+class _ProbeTrajectory:
+    """One conditioning's probe residuals: at its last two computes and now."""
+
+    def __init__(self):
+        self.computed: list = []  # [(sigma, residual)], oldest first, at most two
+        self.current: Optional[torch.Tensor] = None
+
+
+class _ProbeAlignedState(_AccumulatedChangeState):
+    def __init__(self, max_gain: float):
+        super().__init__()
+        self.max_gain = max_gain
+        self.trajectories: dict = {}
+
+    def observe_probe(self, uuid, residual):
+        self.trajectories.setdefault(uuid, _ProbeTrajectory()).current = residual.detach().clone()
+
+    def probe_computed(self, uuid, sigma):
+        trajectory = self.trajectories[uuid]
+        trajectory.computed = (trajectory.computed + [(sigma, trajectory.current)])[-2:]
+
+    def gain(self, uuid) -> float:
+        trajectory = self.trajectories.get(uuid)
+        if trajectory is None or len(trajectory.computed) < 2 or trajectory.current is None:
+            return 1.0
+        (_, before), (_, last) = trajectory.computed
+        span = float((last - before).abs().mean())
+        if span <= 0.0 or not math.isfinite(span):
+            return 1.0
+        return min(max(float((trajectory.current - before).abs().mean()) / span, 1.0), self.max_gain)
+
+    def fill_time(self, uuid, sigma):
+        trajectory = self.trajectories.get(uuid)
+        if trajectory is None or not trajectory.computed:
+            return sigma
+        if len(trajectory.computed) < 2:
+            return trajectory.computed[-1][0]
+        (t_before, _), (t_last, _) = trajectory.computed
+        return t_before + self.gain(uuid) * (t_last - t_before)
+
+
+@dataclass(frozen=True)
+class MagCache(Policy):
+    """MagCache: the calibrated magnitude ratio of the cached residual between evaluations decides.
+
+    Filling keeps the error |1 - prod gamma| of the skipped evaluations; their sum is the value.
+    `ratios` is the calibrated curve (calibration.MagnitudeCurve) for this run's schedule, set by the
+    nodes from the stored calibration; without one the run computes every evaluation and records
+    the curve (`calibrating`), so the output equals the uncached run.
+    """
+
+    retention_ratio: float = 0.2
+    max_consecutive: int = 4
+    curve: Optional[tuple] = None  # ((sigma, cumulative log ratio), ...), sigma descending
+
+    method = "magcache"
+    indicator = NO_INDICATOR
+
+    @property
+    def calibrating(self) -> bool:
+        return self.curve is None
+
+    def new_state(self):
+        return _MagnitudeState(self.curve)
+
+
+class _MagnitudeState(PolicyState):
+    def __init__(self, curve: Optional[tuple]):
+        self.curve = None if curve is None else MagnitudeCurve(curve)
+        self.recorder = MagnitudeCurve.recorder() if curve is None else None
+        self.previous_sigma: Optional[float] = None
+        self.product = 1.0
+        self.error = 0.0
+
+    def measure(self, sigma, indicator):
+        previous, self.previous_sigma = self.previous_sigma, sigma
+        if self.curve is None or previous is None:
+            return None
+        self.product *= self.curve.ratio(previous, sigma)
+        self.error += abs(1.0 - self.product)
+        return self.error
+
+    def decided(self, compute):
+        if compute:
+            self.product, self.error = 1.0, 0.0
+
+    def computed(self, sigma, indicator, output, residual):
+        if self.recorder is not None:
+            self.recorder.add(sigma, residual)
+
+    @property
+    def recorded(self):
+        return None if self.recorder is None else self.recorder.curve()
+
+
+POLICIES = {cls.method: cls for cls in (FixedInterval, TeaCache, EasyCache, FirstBlock, DiCache, MagCache)}
+

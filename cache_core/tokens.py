@@ -1,23 +1,275 @@
-"""Token-level partial recompute settings (ToCa / ClusCa style), validated now; the engine comes later."""
+"""Token-level partial recompute (ToCa, DuCa, ClusCa): on a filled evaluation, recompute a subset of tokens.
+
+A partial evaluation fills every cached segment as usual (reuse or forecast), runs the segment's
+blocks one after the other on a subset of the image/video tokens (text tokens and everything else a
+block reads stay whole), and takes the rows that ran (the subset and the text) from that run; the
+other tokens keep their fill. At ratio 1 this is exactly a full compute. The recomputed rows are
+remembered as a per-token correction of the fill (fresh residual - forecast at that time), so later
+fills of those tokens start from the fresher value: with reuse the correction is exactly the fresh
+residual, with a forecaster the forecast's trend is kept on top of it. A full compute drops the
+corrections (they cost one token residual per segment and conditioning, counted in the cache bytes).
+
+Approximation (ToCa's): attention mixes tokens, and the subset attends only to itself (plus the
+text), not to the cached keys of the other tokens.
+
+Which rows to recompute (`selection`):
+- score (ToCa): relative change of the token's input since it was last computed, plus its cache age;
+- cluster (ClusCa): k-means of the tokens at the last computed evaluation, the recomputed rows spread
+  over every cluster; the other tokens of a cluster take `gamma` times the mean update (fresh - filled
+  residual) of its recomputed tokens. (ClusCa's own rule blends the value instead, gamma * cluster
+  value + (1 - gamma) * cached with gamma 0.005-0.01; on the trained tiny Wan that was no better than
+  no propagation, while propagating the update gained 2-3 dB: see the README's benchmark notes.)
+- random: a baseline, seeded per evaluation so runs repeat exactly;
+`alternate` (DuCa): filled evaluations alternate between partial (conservative) and plain fills
+(aggressive), starting with a partial one after each compute.
+
+Pure torch, architecture-neutral: the adapter describes each block kind's tokens as a TokenLayout.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
-TOKEN_SELECTIONS = ("score", "cluster", "random")
+import torch
+
+SCORE, CLUSTER, RANDOM = "score", "cluster", "random"
+TOKEN_SELECTIONS = (SCORE, CLUSTER, RANDOM)
+KMEANS_ITERATIONS = 8
 
 
 @dataclass(frozen=True)
 class TokenConfig:
-    """Fraction of tokens recomputed on cached steps; `clusters` is used by the cluster selection."""
+    """`ratio`: fraction of the image tokens recomputed on a partial evaluation; `clusters`/`gamma`: ClusCa."""
 
-    selection: str = "score"
+    selection: str = SCORE
     ratio: float = 0.25
     clusters: int = 16
+    gamma: float = 1.0
+    alternate: bool = False
+    seed: int = 0
 
     def __post_init__(self):
         if self.selection not in TOKEN_SELECTIONS:
             raise ValueError(f"unknown token selection '{self.selection}'; available: {', '.join(TOKEN_SELECTIONS)}")
         if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"token ratio must be in (0, 1], got {self.ratio}")
+            raise ValueError(f"token ratio must be in (0, 1], got {self.ratio}: set ratio above 0 and at most 1")
         if self.clusters < 1:
             raise ValueError(f"clusters must be >= 1, got {self.clusters}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be within [0, 1], got {self.gamma}")
+
+    def count(self, tokens: int) -> int:
+        """Tokens recomputed out of `tokens`; checks that the cluster selection can spread them."""
+        n = max(1, min(tokens, round(self.ratio * tokens)))
+        if self.selection == CLUSTER and self.clusters > n:
+            raise ValueError(
+                f"Cache Token Ratio: clusters ({self.clusters}) is more than the tokens recomputed per partial "
+                f"evaluation ({n} = ratio {self.ratio:g} x {tokens} image tokens): lower 'clusters' to at most {n} "
+                "or raise 'ratio'")
+        return n
+
+    @property
+    def label(self) -> str:
+        name = {SCORE: "toca", CLUSTER: "clusca", RANDOM: "random"}[self.selection]
+        return f"{'duca-' if self.alternate else ''}{name}{self.ratio:g}"
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a block kind's image/video tokens are (the adapter's declarative description).
+
+    stream: the hidden-state entry whose dim 1 holds the tokens.
+    text: the entry whose dim-1 length is the text token count; when a block's args lack it (Flux single
+        blocks), the length it had in an earlier block of the same call is used.
+    text_in_stream: the stream is cat(text, tokens) (Flux single blocks); else it holds tokens only.
+    rows: (entry, dims) of per-position tables (rotary tables, masks, per-token modulation) whose
+        positions are the text (when `text` is set) followed by the tokens. Along each dim, size 1 is
+        shared by every position; size s covers ceil(positions / s) consecutive positions per row.
+    """
+
+    stream: str
+    text: Optional[str] = None
+    text_in_stream: bool = False
+    rows: tuple = ()
+
+
+def _dims(dims) -> tuple:
+    return dims if isinstance(dims, tuple) else (dims,)
+
+
+def gather_rows(value: torch.Tensor, dims, positions: torch.Tensor, total: int, name: str) -> torch.Tensor:
+    """The rows of a per-position table that `positions` (of `total`) read."""
+    for dim in _dims(dims):
+        size = value.shape[dim]
+        if size == 1:
+            continue
+        if size > total:
+            raise ValueError(f"cannot gather token rows of '{name}': {size} rows along dim {dim} for {total} positions")
+        per = math.ceil(total / size)
+        value = value.index_select(dim, positions // per)
+    return value
+
+
+def gather(args: dict, layout: TokenLayout, streams: tuple, index: torch.Tensor, text: int,
+           state: Optional[dict] = None) -> dict:
+    """A block's args for the token subset `index` (sorted, relative to the tokens). Streams come from
+    `state` (the subset's hidden states after the previous block of the segment) or from `args`;
+    other streams are copied whole (blocks may update them in place), untouched entries are shared."""
+    sub = dict(args)
+    stream_prefix = text if layout.text_in_stream else 0
+    for s in streams:
+        if state is not None:
+            sub[s] = state[s]
+        elif s == layout.stream:
+            rows = index + stream_prefix
+            if stream_prefix:
+                rows = torch.cat([torch.arange(stream_prefix, device=index.device), rows])
+            sub[s] = args[s].index_select(1, rows)
+        else:
+            sub[s] = args[s].clone()
+    positions = torch.cat([torch.arange(text, device=index.device), index + text])
+    for name, dims in layout.rows:
+        if sub.get(name) is not None:
+            value = sub[name]
+            sub[name] = gather_rows(value, dims, positions.to(value.device), text + _tokens(args, layout, text), name)
+    return sub
+
+
+def _tokens(args: dict, layout: TokenLayout, text: int) -> int:
+    return args[layout.stream].shape[1] - (text if layout.text_in_stream else 0)
+
+
+def kmeans(x: torch.Tensor, k: int, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
+    """Cluster labels of the rows of x [N, C]: Lloyd's algorithm from k evenly spaced rows (deterministic)."""
+    x = x.float()
+    centers = x[torch.linspace(0, x.shape[0] - 1, k).round().long()].clone()
+    labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for _ in range(iterations):
+        labels = torch.cdist(x, centers).argmin(dim=1)
+        sums = torch.zeros_like(centers).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k).unsqueeze(1)
+        centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)  # an empty cluster keeps its center
+    return labels
+
+
+def spread_over_clusters(labels: torch.Tensor, n: int, order: torch.Tensor) -> torch.Tensor:
+    """n tokens spread over the clusters in proportion to their sizes, every cluster first.
+
+    Tokens are ranked within their cluster in `order` (a permutation); the n smallest rank / cluster
+    size are taken, so every cluster gives its first token before any gives a second."""
+    k = int(labels.max()) + 1
+    ordered = labels[order]
+    counts = torch.bincount(labels, minlength=k)
+    rank = torch.zeros_like(order)
+    for c in range(k):  # rank of each token within its cluster, in `order`
+        members = (ordered == c).nonzero().flatten()
+        rank[members] = torch.arange(members.numel(), device=labels.device)
+    key = rank.double() / counts[ordered].double() + torch.arange(order.numel(), device=labels.device) * 1e-9
+    return order[torch.argsort(key)[:n]].sort().values
+
+
+class _Memory:
+    """What the selection remembers of one conditioning's tokens."""
+
+    def __init__(self, features: torch.Tensor):
+        self.last = features.detach().clone()  # each token's input when it was last computed
+        self.age = torch.zeros(features.shape[0], device=features.device)  # evaluations since then
+
+
+class TokenState:
+    """Per-run state of token-level recompute: selections, per-token memory and fill corrections."""
+
+    def __init__(self, config: TokenConfig):
+        self.config = config
+        self.memory: dict = {}  # uuid -> _Memory
+        self.labels: Optional[torch.Tensor] = None  # ClusCa clusters of the last computed evaluation
+        self.corrections: dict = {}  # (segment key, uuid) -> [1, N, C] correction of the fill's token rows
+
+    def partial_step(self, consecutive_fills: int) -> bool:
+        """Whether a filled evaluation (the consecutive_fills-th since a compute) recomputes tokens."""
+        return not self.config.alternate or consecutive_fills % 2 == 1
+
+    def select(self, features: torch.Tensor, uuids: list, evaluation: int, compute: bool, partial: bool,
+               reference: int) -> Optional[torch.Tensor]:
+        """features [B, N, C]: the tokens at the first cached block, one batch chunk per uuid.
+        Returns the sorted token indices a partial call recomputes, else None (and remembers a compute)."""
+        chunks = features.chunk(len(uuids))
+        if compute:
+            for uuid, chunk in zip(uuids, chunks):
+                self.memory[uuid] = _Memory(chunk.flatten(0, -2) if chunk.shape[0] == 1 else chunk.mean(0))
+                self.corrections = {k: v for k, v in self.corrections.items() if k[1] != uuid}
+            if self.config.selection == CLUSTER and reference >= 0:
+                self.config.count(features.shape[1])  # fails early when the clusters cannot all be recomputed
+                self.labels = kmeans(chunks[reference][0], self.config.clusters)
+            return None
+        if not partial:
+            for uuid in uuids:
+                if uuid in self.memory:
+                    self.memory[uuid].age += 1
+            return None
+        tokens = features.shape[1]
+        n = self.config.count(tokens)
+        rows = [c[0] if c.shape[0] == 1 else c.mean(0) for c in chunks]
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + evaluation)
+        order = torch.randperm(tokens, generator=generator).to(features.device)
+        if self.config.selection == RANDOM:
+            index = order[:n].sort().values
+        elif self.config.selection == CLUSTER:
+            if self.labels is None:  # the computed evaluation did not see the reference conditioning
+                self.labels = kmeans(rows[0], self.config.clusters)
+            index = spread_over_clusters(self.labels, n, order)
+        else:
+            index = self._top_scores(rows, uuids, n)
+        for uuid, row in zip(uuids, rows):
+            memory = self.memory.setdefault(uuid, _Memory(row))
+            memory.age += 1
+            memory.age[index] = 0
+            memory.last[index] = row[index]
+        return index
+
+    def _top_scores(self, rows: list, uuids: list, n: int) -> torch.Tensor:
+        """ToCa-style score: relative input change since the token's last compute + its normalised cache age."""
+        score = 0.0
+        for uuid, row in zip(uuids, rows):
+            memory = self.memory.setdefault(uuid, _Memory(row))
+            change = (row.float() - memory.last.float()).norm(dim=-1) / memory.last.float().norm(dim=-1).clamp_min(1e-6)
+            score = score + change / change.mean().clamp_min(1e-12) + memory.age / memory.age.max().clamp_min(1.0)
+        return torch.sort(score, descending=True, stable=True).indices[:n].sort().values
+
+    def correction(self, key, uuids: list, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The correction of a segment's token rows for the call's uuids, batched like `like` [B, N, C]."""
+        parts = [self.corrections.get((key, u)) for u in uuids]
+        if all(p is None for p in parts):
+            return None
+        shape = (like.shape[0] // len(uuids), *like.shape[1:])
+        return torch.cat([torch.zeros(shape, dtype=like.dtype, device=like.device) if p is None
+                          else p.to(like.device) for p in parts])
+
+    def update(self, key, uuids: list, fill: torch.Tensor, index: torch.Tensor,
+               fresh: torch.Tensor) -> Optional[torch.Tensor]:
+        """Record the recomputed rows' fresh residual (fresh [B, n, C]) as a correction of later fills of the
+        token rows (fill [B, N, C]: their filled residual now). With the cluster selection and gamma > 0, the
+        other tokens of each cluster take gamma times the mean update (fresh - fill) of the cluster's
+        recomputed tokens: returns that change of the filled rows (zero at the recomputed rows), else None."""
+        update = fresh - fill[:, index]
+        change = None
+        if self.config.selection == CLUSTER and self.config.gamma > 0:
+            k = int(self.labels.max()) + 1
+            chosen = self.labels[index]
+            sums = torch.zeros(fill.shape[0], k, fill.shape[2], dtype=fill.dtype, device=fill.device)
+            sums.index_add_(1, chosen, update)
+            means = sums / torch.bincount(chosen, minlength=k).clamp_min(1).to(fill.dtype).view(1, k, 1)
+            change = self.config.gamma * means[:, self.labels]
+            change[:, index] = 0
+        correction = torch.zeros_like(fill) if change is None else change.clone()
+        correction[:, index] = update
+        for uuid, part in zip(uuids, correction.chunk(len(uuids))):
+            previous = self.corrections.get((key, uuid))
+            self.corrections[(key, uuid)] = part if previous is None else previous.to(part.device) + part
+        return change
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [m.last for m in self.memory.values()] + list(self.corrections.values())
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
-
 COMPUTED = "computed"
 REUSED = "reused"
 FORECAST = "forecast"
@@ -21,6 +19,8 @@ class Evaluation:
     actions: list
     indicator: Optional[float] = None
     decision: str = COMPUTED
+    forced_by: Optional[str] = None  # why this evaluation had to be computed, when not the policy's choice
+    fractions: dict = field(default_factory=dict)  # row -> fraction of its work a partial cell did
     aside: int = 0  # model calls of another node's pass that ran uncached, apart from the cache
 
 
@@ -34,20 +34,23 @@ class Trace:
         self.evaluations.append(ev)
         return ev
 
-    def mark(self, row: int, action: str) -> None:
-        """Record the action of a row in the current evaluation; a compute in any call wins over a fill."""
-        actions = self.evaluations[-1].actions
-        if actions[row] != COMPUTED:
-            actions[row] = action
+    def mark(self, row: int, action: str, fraction: Optional[float] = None) -> None:
+        """Record the action of a row in the current evaluation; a compute in any call wins over a fill.
+        A partial cell records the fraction of the row's work it did."""
+        ev = self.evaluations[-1]
+        if ev.actions[row] != COMPUTED:
+            ev.actions[row] = action
+            if action == PARTIAL:
+                ev.fractions[row] = fraction
 
     def computed_evaluations(self) -> list[int]:
         return [ev.index for ev in self.evaluations if ev.decision == COMPUTED]
 
     def compute_fraction(self) -> float:
-        cells = [a for ev in self.evaluations for a in ev.actions if a is not None]
-        if not cells:
-            return 1.0
-        return sum(1.0 if a == COMPUTED else 0.0 for a in cells) / len(cells)
+        """Full-equivalent cell computations / cells: a partial cell counts at its recorded fraction."""
+        work = [1.0 if a == COMPUTED else ev.fractions[r] if a == PARTIAL else 0.0
+                for ev in self.evaluations for r, a in enumerate(ev.actions) if a is not None]
+        return sum(work) / len(work) if work else 1.0
 
     def counts(self) -> dict:
         out = {a: 0 for a in ACTIONS}
@@ -61,7 +64,8 @@ class Trace:
     def from_dict(cls, data: dict) -> "Trace":
         return cls(list(data["rows"]), [
             Evaluation(e["index"], e["sigma"], e["step"], list(e["actions"]), e.get("indicator"),
-                       e.get("decision", COMPUTED), e.get("aside", 0))
+                       e.get("decision", COMPUTED), e.get("forced_by"),
+                       {int(r): f for r, f in e.get("fractions", {}).items()}, e.get("aside", 0))
             for e in data["evaluations"]])
 
     def to_dict(self) -> dict:
@@ -69,31 +73,9 @@ class Trace:
             "rows": list(self.rows),
             "evaluations": [
                 {"index": ev.index, "sigma": ev.sigma, "step": ev.step, "decision": ev.decision,
-                 "indicator": ev.indicator, "actions": list(ev.actions), "aside": ev.aside}
+                 "indicator": ev.indicator, "actions": list(ev.actions), "forced_by": ev.forced_by,
+                 "fractions": dict(ev.fractions), "aside": ev.aside}
                 for ev in self.evaluations
             ],
         }
 
-
-_COLORS = {
-    None: (40, 40, 40),
-    COMPUTED: (220, 70, 60),
-    REUSED: (70, 130, 220),
-    FORECAST: (80, 190, 110),
-    PARTIAL: (230, 180, 60),
-}
-
-
-def render_map(trace: Trace, cell: int = 8) -> np.ndarray:
-    """Step x layer grid as an RGB uint8 image: columns are evaluations, rows are blocks (top = first)."""
-    n_rows, n_cols = max(1, len(trace.rows)), max(1, len(trace.evaluations))
-    grid = np.zeros((n_rows, n_cols, 3), dtype=np.uint8)
-    grid[:] = _COLORS[None]
-    for c, ev in enumerate(trace.evaluations):
-        for r, action in enumerate(ev.actions):
-            grid[r, c] = _COLORS[action]
-    image = grid.repeat(cell, axis=0).repeat(cell, axis=1)
-    if cell >= 4:  # thin separators keep single cells readable
-        image[::cell, :, :] //= 2
-        image[:, ::cell, :] //= 2
-    return image

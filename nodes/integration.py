@@ -1,12 +1,19 @@
 """Hooks the engine into ComfyUI through ModelPatcher wrappers and block replace patches only.
 
-Nothing of the model is modified: `install` returns a clone carrying an OUTER_SAMPLE wrapper that
-creates a fresh CacheRun per sampling run (dropped in `finally`), plus either an APPLY_MODEL
-wrapper (whole-model site) or `patches_replace["dit"]` entries (block sites).
+`install` returns a clone carrying an OUTER_SAMPLE wrapper that creates a fresh CacheRun per sampling
+run (dropped in `finally`), plus an APPLY_MODEL wrapper: at the whole-model site it caches the model
+output; at block sites it makes the run reachable from every block of the call (some forwards do not
+pass transformer_options to their block hooks) and, for families without a block replace hook, routes
+the block modules' forward through the engine for the duration of the call (see adapters.FORWARD).
+Block sites of hooked families use `patches_replace["dit"]` entries. The model is never left modified.
 """
 from __future__ import annotations
 
+import contextvars
+import dataclasses
+import inspect
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -16,14 +23,33 @@ import comfy.patcher_extension
 import comfy_execution.utils
 import torch
 
-from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED, TokenGrid
-from .adapters import Adapter, adapter_for
-from .progress import send, with_progress
+from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED, MagCache, TokenGrid
+from ..cache_core.sites import SPAN
+from ..cache_core.skip_branch import SkipBranch
+from .adapters import (FORWARD, REPLACE, SKIP_BRANCH, Adapter, BlockKind, UnsupportedModel, adapter_for,
+                       check_host)
+from . import progress
+from .calibration_store import calibrated_policy, save_calibration
 
 WRAPPER_KEY = "feature_cache"
 SETUP_KEY = "feature_cache_setup"
 RUN_KEY = "feature_cache_run"
 log = logging.getLogger("FeatureCache")
+# The transformer_options of the model call in progress (for block hooks whose args lack them).
+_CALL_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("feature_cache_call_options", default=None)
+
+
+# Under the host's TorchCompileModel the blocks are compiled, but the hooks' decisions are Python state
+# that must never be baked into a graph: dynamo skips these frames (and still compiles the blocks they call).
+_not_traced = torch.compiler.disable(recursive=False)
+
+
+def host_version() -> str:
+    try:
+        import comfyui_version
+        return comfyui_version.__version__
+    except ImportError:
+        return "(unknown version)"
 
 
 class CacheHandle:
@@ -78,24 +104,32 @@ def install(model, config: CacheConfig, handle: CacheHandle):
     adapter, layout = None, ()
     if config.site.uses_blocks:
         adapter = adapter_for(model.model.diffusion_model)
+        check_host(adapter, model.model.diffusion_model, host_version())
         layout = tuple(adapter.layout(model.model.diffusion_model))
         config.site.validate(list(layout))
+        if adapter.hook == SKIP_BRANCH:
+            if config.site.kind != SPAN:
+                raise UnsupportedModel(f"{adapter.family}: use the 'span' site (DeepCache: probe_blocks shallow "
+                                       "blocks on each side run every step, the deep branch between them is "
+                                       "cached) or 'model'")
+            SkipBranch(None, list(layout), config.site.probe_blocks)  # validates the depth before sampling
         if config.forecaster.needs_grid and not adapter.has_token_grid:
             raise ValueError(
                 f"Feature cache: the '{config.forecaster.kind}' forecaster needs the image-token grid of the blocks, "
                 f"which the {adapter.family} adapter does not describe: set Apply Feature Cache's site to 'model' or "
                 "choose another Cache Forecaster method")
-    if config.tokens is not None:
-        raise NotImplementedError(
-            "token-level partial recompute (Cache Token Ratio) is not available in this version yet; "
-            "disconnect the tokens input")
+        # per-family defaults (TeaCache's polynomial, DiCache's gain clip) apply to the block indicators
+        config = dataclasses.replace(config, policy=config.policy.for_family(adapter.key))
+        if config.tokens is not None:
+            adapter.token_layouts()  # raises, naming the block kinds, when the adapter cannot gather tokens
     model = model.clone()
     model.model_options["transformer_options"][SETUP_KEY] = CacheSetup(config, adapter, layout, handle)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
     if adapter is None:
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model)
-    else:
-        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _record_latent_shape)
+        return model
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _block_call)
+    if adapter.hook == REPLACE:
         existing = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
         for kind, count in layout:
             for i in range(count):
@@ -109,25 +143,37 @@ def _outer_sample(executor, *args, **kwargs):
     original_options = guider.model_options
     setup: CacheSetup = original_options["transformer_options"][SETUP_KEY]
     sigmas = args[3]
-    policy = setup.config.policy
+    config, notes = setup.config, []
+    if isinstance(config.policy, MagCache) and config.policy.calibrating:
+        policy, calibration = calibrated_policy(config.policy, guider.model_patcher, args[2], sigmas.tolist())
+        config, notes = dataclasses.replace(config, policy=policy), [calibration.message]
+    policy = config.policy
     sampling = guider.model_patcher.model.model_sampling
     active = (sampling.percent_to_sigma(policy.start_percent), sampling.percent_to_sigma(policy.end_percent))
-    run = CacheRun(setup.config, setup.rows, sigmas.tolist(), active)
+    run = CacheRun(config, setup.rows, sigmas.tolist(), active)
+    run.notes.extend(notes)
     options = comfy.model_patcher.create_model_options_clone(original_options)
     context = _RunContext(run, setup, guider.model_patcher.model.diffusion_model, options["transformer_options"])
     options["transformer_options"][RUN_KEY] = context
     guider.model_options = options
+    stream = progress.start(run, setup.handle.node_id)
     args = list(args)
-    args[5] = with_progress(args[5], run, setup.handle.node_id)  # the step callback
+    args[5] = progress.with_progress(args[5], stream)  # the step callback
+    started = time.perf_counter()
     output = None
     try:
-        output = executor(*args, **kwargs)
-        return output
+        result = output = executor(*args, **kwargs)
+        if isinstance(policy, MagCache) and policy.calibrating:  # only a finished run is a calibration
+            run.notes.append(save_calibration(calibration, run.policy_state.recorded))
+        return result
     finally:
         guider.model_options = original_options
-        report = run.report()
+        if setup.adapter is not None and not run.trace.evaluations:
+            run.notes.append(f"the {setup.adapter.family} model never called its block hooks in ComfyUI "
+                             f"{host_version()} (host drift?): nothing was cached")
+        report = {**run.report(), "elapsed_s": time.perf_counter() - started}
         setup.handle.publish(report, output)
-        send(run, setup.handle.node_id, len(sigmas) - 1, len(sigmas) - 1, done=True)
+        stream.finish(report, len(sigmas) - 1)
         log.info("FeatureCache %s: computed %d/%d evaluations, compute fraction %.3f (ideal speedup %.2fx), "
                  "peak cache %.1f MiB", report["method"], report["evaluations_computed"], report["evaluations"],
                  report["compute_fraction"], report["ideal_speedup"], report["peak_cache_bytes"] / 2**20)
@@ -143,13 +189,21 @@ class _RunContext:
         self.replace_patches = _replace_patches(transformer_options)
         self._checked = (None, False)
         self.blocks = None
+        self.branch = None
+        self.saw_control = False
+        self.call_has_control = False
         self.latent_shape: Optional[tuple] = None  # of the model call in progress (block sites)
-        if setup.adapter is not None:
+        self.patch = setup.adapter.patch_of(diffusion_model) if setup.adapter is not None else ()
+        if setup.adapter is not None and setup.adapter.hook == SKIP_BRANCH:
+            self.branch = SkipBranch(run, list(setup.layout), setup.config.site.probe_blocks)
+        elif setup.adapter is not None:
             adapter = setup.adapter
             self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
-                                      self._modulated_input if adapter.modulated_input else None, self._token_grid)
+                                      self._modulated_input if adapter.modulated_input else None, self._token_grid,
+                                      adapter.token_layouts() if setup.config.tokens is not None else None)
             replaced = [f"{kind} {i}" for kind, count in setup.layout for i in range(count)
-                        if not isinstance(self.replace_patches.get("dit", {}).get((kind, i)), BlockPatch)]
+                        if adapter.hook == REPLACE
+                        and not isinstance(self.replace_patches.get("dit", {}).get((kind, i)), BlockPatch)]
             if replaced:
                 run.stand_aside(f"another node replaced blocks after Apply Feature Cache ({_first(replaced)}): "
                                 "this run is not cached; apply the feature cache after that node")
@@ -174,11 +228,30 @@ class _RunContext:
         return True
 
     def _token_grid(self, kind, stream):
-        return self.setup.adapter.token_grid(kind, stream, self.latent_shape)
+        return self.setup.adapter.token_grid(kind, stream, self.latent_shape, self.patch)
 
     def _modulated_input(self, kind, index, args):
         block = self.setup.adapter.block(self.diffusion_model, kind, index)
         return self.setup.adapter.modulated_input(block, args)
+
+    def route_forwards(self, routed: list) -> None:
+        """Give each block module an instance `forward` for this call; appends (block, previous) to undo it."""
+        adapter = self.setup.adapter
+        for kind in adapter.kinds:
+            for i, block in enumerate(adapter.blocks(self.diffusion_model, kind)):
+                previous = block.__dict__.get("forward")
+                block.forward = _RoutedForward(block, kind, i, previous)
+                routed.append((block, previous))
+
+    def route_branch(self, routed: list) -> None:
+        """Give each layer of the U-Net's deep branch an instance `forward` for this call (see route_forwards)."""
+        adapter, depth = self.setup.adapter, self.setup.config.site.probe_blocks
+        inputs, middle, outputs = (adapter.blocks(self.diffusion_model, kind) for kind in adapter.kinds)
+        layers = [layer for block in inputs[depth:] + middle + outputs[:len(outputs) - depth] for layer in block]
+        for i, layer in enumerate(layers):
+            previous = layer.__dict__.get("forward")
+            layer.forward = _BranchLayer(layer, self, previous, enter=i == 0, exit=i == len(layers) - 1)
+            routed.append((layer, previous))
 
     def __deepcopy__(self, memo):
         return self  # one run, one state, even if an extension deep-copies transformer_options
@@ -204,19 +277,6 @@ def _current_sigma(transformer_options) -> float:
     return float(transformer_options["sigmas"].flatten()[0])
 
 
-def _record_latent_shape(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
-                         **kwargs):
-    """Block sites: the blocks see tokens; their image-token grid comes from the latent of the model call."""
-    context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
-    if context is None:
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    previous, context.latent_shape = context.latent_shape, tuple(x.shape)
-    try:
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    finally:
-        context.latent_shape = previous
-
-
 def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
     """Whole-model site: caches the sampler's derivative eps = (x - denoised) / sigma, any architecture."""
     context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
@@ -231,11 +291,50 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
         run.store("model", eps, TokenGrid(tuple(x.shape[2:]), channels_first=True) if x.ndim > 2 else None)
         reference = run.reference_chunk(eps)
         if reference is not None:
-            run.computed(reference)
+            run.computed(reference, reference)
         run.mark(0, COMPUTED)
         return denoised
     run.mark(0, run.fill_action)
     return x - scale * run.fill("model", x)
+
+
+def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    """Block sites, every model call: publish the call's options; route block forwards where there is no hook."""
+    context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
+    if context is None:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    context.call_has_control = control is not None
+    if control is not None and not context.saw_control:
+        context.saw_control = True
+        context.run.notes.append(
+            "ControlNet residuals enter the U-Net's deep branch: evaluations with control are computed "
+            "(forced_by in the trace)" if context.branch is not None else
+            "ControlNet residuals entered the blocks: they are added after each block, outside the cached "
+            "residuals, so filled steps add the current step's control (caching stays on)")
+    token = _CALL_OPTIONS.set(transformer_options)
+    previous_shape, context.latent_shape = context.latent_shape, tuple(x.shape)  # the blocks' image-token grid
+    routed = []
+    try:
+        if context.setup.adapter.hook == FORWARD:
+            context.route_forwards(routed)
+        elif context.setup.adapter.hook == SKIP_BRANCH:
+            context.route_branch(routed)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    finally:
+        for block, previous in routed:
+            del block.forward
+            if previous is not None:
+                block.forward = previous
+        context.latent_shape = previous_shape
+        _CALL_OPTIONS.reset(token)
+
+
+def _run_through_engine(kind: str, index: int, args: dict, run_block, transformer_options):
+    context: Optional[_RunContext] = (transformer_options or {}).get(RUN_KEY)
+    if context is None or context.blocks is None or context.foreign(transformer_options):
+        return run_block(args)
+    return context.blocks(kind, index, args, run_block, _conditionings(transformer_options),
+                          _current_sigma(transformer_options))
 
 
 class BlockPatch:
@@ -246,13 +345,57 @@ class BlockPatch:
         self.index = index
         self.inner = inner
 
+    @_not_traced
     def __call__(self, args: dict, extra: dict) -> dict:
         original = extra["original_block"]
         run_block = original if self.inner is None else (lambda a: self.inner(a, {"original_block": original}))
-        transformer_options = args.get("transformer_options") or {}
-        context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
-        if context is None or context.blocks is None or context.foreign(transformer_options):
-            return run_block(args)
-        return context.blocks(self.kind, self.index, args, run_block, _conditionings(transformer_options),
-                              _current_sigma(transformer_options))
+        options = args.get("transformer_options") or _CALL_OPTIONS.get()
+        return _run_through_engine(self.kind, self.index, args, run_block, options)
 
+
+class _RoutedForward:
+    """A block module's `forward` for one model call: binds the call's arguments by name, runs the engine."""
+
+    def __init__(self, block, kind: BlockKind, index: int, previous):
+        self.block, self.kind, self.index = block, kind, index
+        self.previous = previous  # an instance forward someone else set, chained to
+        self.signature = inspect.signature(type(block).forward)
+
+    @_not_traced
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(self.block, *args, **kwargs)
+        names = list(bound.arguments)[1:]  # without self
+        arguments = {name: bound.arguments[name] for name in names}
+
+        def run(a: dict) -> dict:
+            bound.arguments.update(a)
+            call_args = bound.args[1:]
+            if self.previous is not None:
+                out = self.previous(*call_args, **bound.kwargs)
+            else:
+                out = type(self.block).forward(self.block, *call_args, **bound.kwargs)
+            return dict(zip(self.kind.returns, out if isinstance(out, tuple) else (out,)))
+
+        result = _run_through_engine(self.kind.name, self.index, arguments, run, _CALL_OPTIONS.get())
+        values = tuple(result[name] for name in self.kind.returns)
+        return values[0] if len(values) == 1 else values
+
+
+class _BranchLayer:
+    """A deep-branch layer's `forward` for one model call: runs it, or returns a placeholder or the filled branch."""
+
+    def __init__(self, layer, context: _RunContext, previous, enter: bool, exit: bool):
+        self.layer, self.context, self.previous, self.enter, self.exit = layer, context, previous, enter, exit
+
+    @_not_traced
+    def __call__(self, x, *args, **kwargs):
+        branch = self.context.branch
+        if self.enter:
+            options = _CALL_OPTIONS.get()
+            branch.enter(x, _conditionings(options), _current_sigma(options),
+                         forced_by="ControlNet" if self.context.call_has_control else None)
+        if not branch.compute:
+            return branch.filled_exit(x) if self.exit else branch.placeholder(x)
+        forward = self.previous or type(self.layer).forward.__get__(self.layer)
+        out = forward(x, *args, **kwargs)
+        return branch.computed_exit(out) if self.exit else out

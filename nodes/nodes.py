@@ -12,10 +12,13 @@ from comfy_api.latest import ComfyExtension, io
 
 import folder_paths
 
-from ..cache_core import (FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES, SITE_KINDS, TOKEN_SELECTIONS,
-                          CacheConfig, CacheRun, ForecasterConfig, Site, TeaCache, TokenConfig, Trace, make_policy,
-                          render_map)
+from ..cache_core import (DEFAULT_METHOD, FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES,
+                          RECOMMENDED_FORECASTER, RECOMMENDED_PROBE_BLOCKS, RECOMMENDED_SITE, SITE_KINDS,
+                          TOKEN_SELECTIONS, CacheConfig, CacheRun, ForecasterConfig, Site, TokenConfig, make_policy)
+from .adapters import HostDrift
+from .figure import render_figure
 from .integration import SETUP_KEY, CacheHandle, install
+from .progress import compact
 
 CachePolicy = io.Custom("CACHE_POLICY")
 CacheForecaster = io.Custom("CACHE_FORECASTER")
@@ -23,10 +26,15 @@ CacheTokens = io.Custom("CACHE_TOKENS")
 CATEGORY = "model_patches/feature_cache"
 
 _METHOD_HELP = {
-    "fixed": "fixed interval (FORA): compute one step in every N, N from speed (1..6)",
+    DEFAULT_METHOD: "the recommended method (README: chosen on the benchmark across models and samplers)",
+    "fixed": "fixed interval (FORA): evenly spaced computes within the budget",
     "teacache": "TeaCache: accumulated change of the timestep-modulated input",
     "easycache": "EasyCache: predicted output change from the input change and the transformation rate",
     "first_block": "first-block / DBCache: compare the residual of the probe blocks (needs a block site, probe >= 1)",
+    "dicache": "DiCache: the probe blocks' accumulated change decides, their trajectory scales the fill (needs a block "
+               "site with probe >= 1; first 20% of steps computed)",
+    "magcache": "MagCache: calibrated magnitude ratio of the residual; the first run of a model/sampler/schedule "
+                "computes every step to calibrate (stored in ComfyUI's user folder), later runs use it",
 }
 
 
@@ -47,30 +55,47 @@ class CachePolicyNode(io.ComfyNode):
             category=CATEGORY,
             description="When to compute the model and when to fill from the cache.",
             inputs=[
-                io.Combo.Input("method", options=list(POLICIES), default="teacache",
+                io.Combo.Input("method", options=[DEFAULT_METHOD, *POLICIES], default=DEFAULT_METHOD,
                                tooltip="; ".join(f"{k}: {v}" for k, v in _METHOD_HELP.items())),
                 io.Float.Input("speed", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="One slider from quality (0: compute every step, identical output) to speed (1)."),
+                               tooltip="The compute budget: the fraction of the model's work done is 0.15 ** speed "
+                                       "(0: every step, identical output; 0.5: 39%, about 2.6x; 1: 15%, about 6.7x)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Caching starts at this fraction of the schedule; earlier steps are computed."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Caching ends at this fraction of the schedule; later steps are computed."),
                 io.Int.Input("warmup_steps", default=1, min=0, max=1000,
                              tooltip="The first model evaluations that are always computed."),
-                io.Int.Input("max_consecutive", default=0, min=0, max=1000,
-                             tooltip="At most this many filled evaluations in a row (0: no limit)."),
+                io.Int.Input("max_consecutive", default=0, min=-1, max=1000,
+                             tooltip="At most this many filled evaluations in a row (0: no limit; -1: the method's "
+                                     "default, 4 for magcache, else no limit)."),
                 io.Float.Input("threshold", default=-1.0, min=-1.0, max=100.0, step=0.001,
-                               tooltip="Advanced: the method's own threshold (interval for 'fixed'); -1 derives it from speed."),
+                               tooltip="Advanced: the method's own threshold (interval for 'fixed'); -1 derives the "
+                                       "budget from speed instead."),
+                io.Float.Input("retention_ratio", default=-1.0, min=-1.0, max=0.99, step=0.01, optional=True,
+                               tooltip="Fraction of the first steps always computed (-1: the method's default, 0.2 for "
+                                       "dicache and magcache, else 0)."),
+                io.Float.Input("max_gain", default=0.0, min=0.0, max=10.0, step=0.05, optional=True,
+                               tooltip="dicache: clip of the probe-trajectory gain of a fill (1 = plain reuse; 0: the "
+                                       "model family's default, Flux 1.5, Wan 2)."),
             ],
             outputs=[CachePolicy.Output(display_name="policy")],
         )
 
     @classmethod
-    def execute(cls, method, speed, start_percent, end_percent, warmup_steps, max_consecutive, threshold):
-        policy = _build(make_policy, method=method, speed=speed, start_percent=start_percent,
-                        end_percent=end_percent, warmup_steps=warmup_steps, max_consecutive=max_consecutive,
+    def execute(cls, method, speed, start_percent, end_percent, warmup_steps, max_consecutive, threshold,
+                retention_ratio=-1.0, max_gain=0.0):
+        settings = dict(speed=speed, start_percent=start_percent, end_percent=end_percent, warmup_steps=warmup_steps,
                         threshold=None if threshold < 0 else threshold)
-        return io.NodeOutput(policy)
+        if max_consecutive >= 0:
+            settings["max_consecutive"] = max_consecutive
+        if retention_ratio >= 0:
+            settings["retention_ratio"] = retention_ratio
+        if max_gain > 0:
+            if method != "dicache":
+                raise ValueError(f"Feature cache: max_gain applies to the dicache method, not '{method}': set it to 0")
+            settings["max_gain"] = max_gain
+        return io.NodeOutput(_build(make_policy, method=method, **settings))
 
 
 _FORECASTER_HELP = {
@@ -134,20 +159,34 @@ class CacheTokenRatioNode(io.ComfyNode):
             node_id="FeatureCacheTokenRatio",
             display_name="Cache Token Ratio",
             category=CATEGORY,
-            description="Token-level partial recompute on cached steps (ToCa / ClusCa). Not applied by this version yet.",
+            description="Token-level partial recompute (ToCa / DuCa / ClusCa): on evaluations the policy fills, a "
+                        "fraction of the image tokens is recomputed through the cached blocks, the rest is filled. "
+                        "Needs the 'span' or 'blocks' site.",
             inputs=[
                 io.Combo.Input("selection", options=list(TOKEN_SELECTIONS), default="score",
-                               tooltip="score: most-changed tokens (ToCa); cluster: one token per cluster (ClusCa); random."),
+                               tooltip="score (ToCa): tokens whose input changed most since their last compute, and "
+                                       "the longest cached; cluster (ClusCa): spread over k-means clusters of the "
+                                       "tokens, their update shared within each cluster (see gamma); random: a "
+                                       "baseline."),
                 io.Float.Input("ratio", default=0.25, min=0.01, max=1.0, step=0.01,
-                               tooltip="Fraction of tokens recomputed on cached steps."),
-                io.Int.Input("clusters", default=16, min=1, max=256, tooltip="Cluster count for 'cluster' selection."),
+                               tooltip="Fraction of the image tokens recomputed on a partial evaluation."),
+                io.Int.Input("clusters", default=16, min=1, max=256,
+                             tooltip="'cluster' selection: the number of k-means clusters; at most the number of "
+                                     "tokens recomputed (ratio x image tokens)."),
+                io.Float.Input("gamma", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="'cluster' selection: the other tokens of a cluster take gamma times the mean "
+                                       "update of its recomputed tokens (0 = plain fill for them)."),
+                io.Boolean.Input("alternate", default=False,
+                                 tooltip="DuCa: filled evaluations alternate between a partial recompute and a plain "
+                                         "fill (faster), starting with a partial one."),
             ],
             outputs=[CacheTokens.Output(display_name="tokens")],
         )
 
     @classmethod
-    def execute(cls, selection, ratio, clusters):
-        return io.NodeOutput(_build(TokenConfig, selection=selection, ratio=ratio, clusters=clusters))
+    def execute(cls, selection, ratio, clusters, gamma, alternate):
+        return io.NodeOutput(_build(TokenConfig, selection=selection, ratio=ratio, clusters=clusters, gamma=gamma,
+                                    alternate=alternate))
 
 
 class ApplyFeatureCacheNode(io.ComfyNode):
@@ -160,22 +199,27 @@ class ApplyFeatureCacheNode(io.ComfyNode):
             description="Returns a model that samples with feature caching. Bypass or remove it to get the plain model.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with feature caching."),
-                io.Combo.Input("site", options=list(SITE_KINDS), default="span",
+                io.Combo.Input("site", options=list(SITE_KINDS), default=RECOMMENDED_SITE,
                                tooltip="model: the whole model's output (any architecture); span: the blocks between "
-                                       "the probe and corrector blocks as one residual; blocks: each block on its own "
-                                       "(Flux, Wan)."),
-                io.Int.Input("probe_blocks", default=1, min=0, max=200,
+                                       "the probe and corrector blocks as one residual (on SD1.5/SDXL U-Nets: DeepCache, the deep "
+                                       "branch below probe_blocks); blocks: each block on its own (DiT families)."),
+                io.Int.Input("probe_blocks", default=RECOMMENDED_PROBE_BLOCKS, min=0, max=200,
                              tooltip="Block sites only: first blocks always computed (Fn); their residual is the "
-                                     "first_block policy's indicator."),
+                                     "first_block and dicache policies' indicator. U-Nets: the shallow blocks kept "
+                                     "on each side."),
                 io.Int.Input("corrector_blocks", default=0, min=0, max=200,
                              tooltip="Block sites only: last blocks always computed (Bn)."),
                 io.Combo.Input("cache_device", options=["compute", "cpu"], default="compute",
                                tooltip="Keep caches on the compute device, or offload them to CPU memory."),
                 io.Float.Input("memory_budget_mb", default=0.0, min=0.0, max=1e6, step=64.0,
                                tooltip="Stop caching for the run if caches exceed this size (0: no limit)."),
-                CachePolicy.Input("policy", optional=True, tooltip="Default: TeaCache at speed 0.5."),
-                CacheForecaster.Input("forecaster", optional=True, tooltip="Default: reuse."),
-                CacheTokens.Input("tokens", optional=True, tooltip="Token-level partial recompute (not available yet)."),
+                CachePolicy.Input("policy", optional=True,
+                                  tooltip="Default: the recommended method ('default' of Cache Policy) at speed 0.5."),
+                CacheForecaster.Input("forecaster", optional=True,
+                                      tooltip=f"Default: the recommended forecaster ({RECOMMENDED_FORECASTER.label}); "
+                                              "dicache: taylor 1 (its aligned fill)."),
+                CacheTokens.Input("tokens", optional=True,
+                                  tooltip="Token-level partial recompute on filled evaluations (span or blocks site)."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -186,10 +230,19 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 policy=None, forecaster=None, tokens=None):
         site_config = _build(Site, kind=site, probe_blocks=probe_blocks if site != "model" else 0,
                              corrector_blocks=corrector_blocks if site != "model" else 0)
-        config = _build(CacheConfig, policy=policy or TeaCache(), forecaster=forecaster or ForecasterConfig(),
+        policy = policy or make_policy(DEFAULT_METHOD)
+        if forecaster is None:  # the method's own fill if it defines one (DiCache: linear), else the recommended
+            order = policy.forecaster_order
+            forecaster = RECOMMENDED_FORECASTER if order is None else ForecasterConfig("taylor", order)
+        config = _build(CacheConfig, policy=policy, forecaster=forecaster,
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
                         memory_budget_mb=memory_budget_mb)
-        return io.NodeOutput(_build(install, model=model, config=config, handle=CacheHandle(cls.hidden.unique_id)))
+        try:
+            return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
+        except (ValueError, HostDrift) as error:  # raised before sampling (model, site, host), with what to do instead
+            message = str(error)
+            prefixed = message if message.startswith("Feature cache:") else f"Feature cache: {message}"
+            raise type(error)(prefixed) from None
 
 
 class CacheMapNode(io.ComfyNode):
@@ -199,11 +252,13 @@ class CacheMapNode(io.ComfyNode):
             node_id="FeatureCacheMap",
             display_name="Cache Map",
             category=CATEGORY,
-            description="The last run's step x layer map (red computed, blue reused, green forecast) and its report.",
+            description="The last run's step x block map (computed, reused, forecast, partial, verified-rejected) as a "
+                        "figure with axes and legend, and the run's report (also saved as PNG + JSON).",
             inputs=[
                 io.Model.Input("model", tooltip="The output of Apply Feature Cache."),
                 io.Latent.Input("samples", tooltip="The sampler's output: makes this node run after sampling."),
-                io.Int.Input("cell_size", default=8, min=1, max=64, tooltip="Pixels per map cell."),
+                io.Int.Input("cell_size", default=8, min=1, max=64,
+                             tooltip="Pixels per map cell in the saved figure (rows get thinner on very deep models)."),
                 io.String.Input("filename_prefix", default="feature_cache/map",
                                 tooltip="The map PNG and report JSON are saved under ComfyUI's output folder."),
             ],
@@ -219,7 +274,7 @@ class CacheMapNode(io.ComfyNode):
         report = setup.handle.report_for(samples["samples"])
         if report is None:
             report = _no_run_report(setup)
-        pixels = render_map(Trace.from_dict(report["trace"]), cell_size)
+        pixels = render_figure(report, cell_size)
         image = torch.from_numpy(pixels.astype(np.float32) / 255.0).unsqueeze(0)
         text = json.dumps(report, indent=1)
         summary = {k: v for k, v in report.items() if k != "trace"}
@@ -229,7 +284,9 @@ class CacheMapNode(io.ComfyNode):
         Image.fromarray(pixels).save(stem + ".png")
         with open(stem + ".json", "w") as f:
             f.write(text)
-        return io.NodeOutput(image, text, ui={"text": (json.dumps(summary, indent=1),), "feature_cache_report": (report,)})
+        ui = {"text": (json.dumps(summary, indent=1),), "feature_cache_report": (report,),
+              "feature_cache_map": (compact(report),)}  # the widget's state, also after a page reload
+        return io.NodeOutput(image, text, ui=ui)
 
 
 def _no_run_report(setup) -> dict:

@@ -24,6 +24,11 @@ CAPTURED: dict = {}
 CATEGORY = "FeatureCache/fixtures"
 
 
+def _resolve(path: str) -> str:
+    """Shared workflows name the bundled files relative to this repository (the server's cwd is the host's)."""
+    return path if os.path.isabs(path) else os.path.join(_REPO_ROOT, path)
+
+
 class FluxLoader(io.ComfyNode):
     """Flux detection pins the full model's width, so tiny Flux files carry their config instead."""
 
@@ -32,7 +37,8 @@ class FluxLoader(io.ComfyNode):
         return io.Schema(
             node_id="FCFixtureFluxLoader",
             category=CATEGORY,
-            inputs=[io.String.Input("path", tooltip="A .safetensors Flux state dict with a 'flux_config' metadata entry.")],
+            inputs=[io.String.Input("path", tooltip="A .safetensors Flux state dict with a 'flux_config' metadata entry "
+                                                     "(relative paths: from this repository).")],
             outputs=[io.Model.Output()],
         )
 
@@ -41,6 +47,7 @@ class FluxLoader(io.ComfyNode):
         import comfy.model_management
         import comfy.model_patcher
 
+        path = _resolve(path)
         with safe_open(path, "pt") as f:
             metadata = f.metadata() or {}
         if FLUX_CONFIG_KEY not in metadata:
@@ -61,7 +68,8 @@ class LabelConditioning(io.ComfyNode):
             node_id="FCFixtureLabelConditioning",
             category=CATEGORY,
             inputs=[
-                io.String.Input("path", tooltip="A .safetensors file with 'labels' [N, L, D] and optional 'pooled' [N, P]."),
+                io.String.Input("path", tooltip="A .safetensors file with 'labels' [N, L, D] and optional 'pooled' [N, P] "
+                                                "(relative paths: from this repository)."),
                 io.Int.Input("label", default=0, min=0),
                 io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1),
             ],
@@ -70,6 +78,7 @@ class LabelConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, path: str, label: int, guidance: float) -> io.NodeOutput:
+        path = _resolve(path)
         tensors = load_file(path)
         labels = tensors["labels"]
         if label >= labels.shape[0]:

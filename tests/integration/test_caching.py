@@ -93,7 +93,8 @@ def test_fixed_interval_computes_exactly_what_the_trace_says(family, site, paths
 @pytest.mark.parametrize("family", list(GRAPHS))
 def test_whole_model_site_fixed_interval(family, paths, run_graph, baselines):
     graph = with_cache(GRAPHS[family](paths, steps=STEPS), apply={"site": "model"},
-                       policy={"method": "fixed", "threshold": 2.0, "warmup_steps": 0})
+                       policy={"method": "fixed", "threshold": 2.0, "warmup_steps": 0},
+                       forecaster={"method": "reuse", "order": 0})
     latent, report = run_graph(graph)
     assert [e["decision"] for e in report["trace"]["evaluations"]] == ["computed", "reused"] * (STEPS // 2)
     assert torch.isfinite(latent).all() and not torch.equal(latent, baselines[family])

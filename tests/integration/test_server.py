@@ -13,21 +13,30 @@ import uuid
 import pytest
 
 from benchmarks.graphs import wan_graph, with_cache
+from benchmarks.server import get as _get, running_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, paths):
+    base = tmp_path_factory.mktemp("server")
+    with running_server(str(base), {paths["wan_name"]: paths["wan"]}) as url:
+        yield url, base
 
 
 def test_server_lists_the_nodes_and_serves_the_frontend_extension(server):
-    status, body = server.get("/object_info/ApplyFeatureCache")
+    url, _ = server
+    status, body = _get(url + "/object_info/ApplyFeatureCache")
     info = json.loads(body)["ApplyFeatureCache"]
     assert status == 200 and info["display_name"] == "Apply Feature Cache"
-    status, extensions = server.get("/extensions")
+    status, extensions = _get(url + "/extensions")
     script = next(e for e in json.loads(extensions) if e.endswith("feature_cache.js"))
-    status, source = server.get(script)
+    status, source = _get(url + script)
     assert status == 200 and b"feature_cache.progress" in source
 
 
 def test_prompt_over_http_streams_progress_and_reports_in_history(server, paths):
     import websocket
-    url, base = server.url, server.base
+    url, base = server
     client_id = str(uuid.uuid4())
     ws = websocket.create_connection(url.replace("http", "ws") + f"/ws?clientId={client_id}", timeout=60)
     graph = wan_graph({**paths, "wan_labels": paths["wan_labels"]}, steps=4)
@@ -54,8 +63,9 @@ def test_prompt_over_http_streams_progress_and_reports_in_history(server, paths)
                 and event["data"].get("prompt_id") == prompt_id:
             break
     ws.close()
-    assert [p["step"] for p in progress] == [1, 2, 3, 4, 4] and progress[-1]["done"]
-    _, body = server.get(f"/history/{prompt_id}")
+    assert progress and progress[0]["step"] == 1 and progress[-1]["done"] and progress[-1]["full"]
+    assert progress[-1]["node"] == "cache_apply" and len(progress[-1]["columns"]) == 4
+    _, body = _get(url + f"/history/{prompt_id}")
     outputs = json.loads(body)[prompt_id]["outputs"]
     report = outputs["cache_map"]["feature_cache_report"][0]
     assert report["evaluations_computed"] == 2 and report["evaluations_filled"] == 2

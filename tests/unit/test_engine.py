@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from cache_core import (FORECASTER_KINDS, BlockRunner, CacheConfig, CacheRun, FirstBlock, FixedInterval,
-                        ForecasterConfig, Site, TeaCache, TokenConfig, TokenGrid, COMPUTED, REUSED, FORECAST)
+from cache_core import (FORECASTER_KINDS, BlockRunner, CacheConfig, CacheRun, DiCache, FirstBlock, FixedInterval,
+                        ForecasterConfig, MagCache, Site, TeaCache, TokenConfig, TokenGrid, COMPUTED, REUSED, FORECAST)
 
 LAYOUT = [("double", 2), ("single", 3)]
 STREAMS = {"double": ("img", "txt"), "single": ("img",)}
@@ -34,7 +34,8 @@ class TinyDiT:
             return out
         return run
 
-    def __call__(self, img, txt, sigma, uuids, hook=None):
+    def __call__(self, img, txt, sigma, uuids, hook=None, control=None):
+        """`control`: per double block, added in place to img after the block (as Flux adds ControlNet residuals)."""
         def through(kind, i, args):
             run = self._block(kind, i, sigma)
             return hook(kind, i, args, run, uuids, sigma) if hook else run(args)
@@ -42,6 +43,8 @@ class TinyDiT:
         for i in range(2):
             out = through("double", i, {"img": img, "txt": txt})
             img, txt = out["img"], out["txt"]
+            if control is not None:
+                img += control[i]
         h = torch.cat([txt, img], dim=1)
         for i in range(3):
             h = through("single", i, {"img": h})["img"]
@@ -95,15 +98,8 @@ def test_fixed_interval_computes_exactly_the_traced_evaluations_and_skips_block_
     assert run.report()["compute_fraction"] == pytest.approx((3 * 5 + 3 * 1) / 30)
 
 
-def test_filled_span_adds_the_cached_residual_to_its_input():
-    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span", corrector_blocks=3))
-    model = TinyDiT()
-    run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
-    runner = BlockRunner(run, config.site.plan(LAYOUT), STREAMS)
-    img, txt = _inputs()
-    plain_first = model(img, txt, 1.0, ["c", "u"])  # residual of the double span at sigma 1.0
-    model(img, txt, 1.0, ["c", "u"], runner)
-    img2 = img + 1.0
+def _record_block_inputs(model) -> dict:
+    """From now on, the "img" input each block of `model` first receives, by (kind, index)."""
     seen = {}
     real = model._block
 
@@ -114,6 +110,23 @@ def test_filled_span_adds_the_cached_residual_to_its_input():
             return run_block(args)
         return wrapped
     model._block = spy
+    return seen
+
+
+def _double_span_every_other_step():
+    """The two double blocks as one cached span (the singles always computed), filled every other step."""
+    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span", corrector_blocks=3))
+    run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
+    return TinyDiT(), run, BlockRunner(run, config.site.plan(LAYOUT), STREAMS)
+
+
+def test_filled_span_adds_the_cached_residual_to_its_input():
+    model, run, runner = _double_span_every_other_step()
+    img, txt = _inputs()
+    plain_first = model(img, txt, 1.0, ["c", "u"])  # residual of the double span at sigma 1.0
+    model(img, txt, 1.0, ["c", "u"], runner)
+    img2 = img + 1.0
+    seen = _record_block_inputs(model)
     model(img2, txt, 0.8, ["c", "u"], runner)
     # the first corrector (single 0) received cat(txt + R_txt, img2 + R_img) with R from sigma 1.0
     d = TinyDiT()
@@ -125,9 +138,30 @@ def test_filled_span_adds_the_cached_residual_to_its_input():
     assert plain_first.shape == img.shape
 
 
+def test_additions_between_blocks_stay_outside_the_cached_residual():
+    """A filled span gets the current step's control residuals, not the ones of the step it was cached at."""
+    model, run, runner = _double_span_every_other_step()
+    img, txt = _inputs()
+    g = torch.Generator().manual_seed(5)
+    old = [torch.randn(img.shape, generator=g) for _ in range(2)]
+    new = [torch.randn(img.shape, generator=g) for _ in range(2)]
+    model(img, txt, 1.0, ["c", "u"], runner, control=old)
+    img2 = img + 1.0
+    seen = _record_block_inputs(model)
+    model(img2, txt, 0.8, ["c", "u"], runner, control=new)
+    assert run.trace.evaluations[1].decision == REUSED
+    d = TinyDiT()  # the double span's own residual at sigma 1.0, control excluded
+    a = d._block("double", 0, 1.0)({"img": img.clone(), "txt": txt.clone()})
+    a["img"] = a["img"] + old[0]
+    a = d._block("double", 1, 1.0)(a)
+    blocks_residual = a["img"] - img - old[0]
+    expected_img = img2 + blocks_residual + new[0] + new[1]
+    assert torch.allclose(seen[("single", 0)][:, txt.shape[1]:], expected_img, atol=1e-6)
+
+
 @pytest.mark.parametrize("site", [Site("span", probe_blocks=1), Site("blocks", probe_blocks=1, corrector_blocks=1)])
 @pytest.mark.parametrize("policy", [TeaCache(speed=0.3, warmup_steps=0), FirstBlock(threshold=0.3, warmup_steps=0),
-                                    FixedInterval(interval=3)])
+                                    FixedInterval(interval=3), DiCache(speed=0.5, max_gain=2.0)])
 def test_batched_and_separate_calls_take_the_same_decisions(site, policy):
     config = CacheConfig(policy=policy, site=site, forecaster=ForecasterConfig("taylor", 1))
     batched, run_b, _ = sample(config)
@@ -137,6 +171,27 @@ def test_batched_and_separate_calls_take_the_same_decisions(site, policy):
     assert any(ev.decision != COMPUTED for ev in run_b.trace.evaluations)
     for a, b in zip(batched, separate):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_dicache_with_gain_one_is_reuse_and_its_gain_moves_the_fill():
+    linear = ForecasterConfig("taylor", 1)
+    site = Site("span", probe_blocks=1)
+    reuse, run, _ = sample(CacheConfig(policy=DiCache(speed=0.2, max_gain=2.0), site=site))
+    unit, _, _ = sample(CacheConfig(policy=DiCache(speed=0.2, max_gain=1.0), site=site, forecaster=linear))
+    aligned, aligned_run, _ = sample(CacheConfig(policy=DiCache(speed=0.2, max_gain=2.0), site=site, forecaster=linear))
+    assert any(ev.decision != COMPUTED for ev in run.trace.evaluations)
+    assert all(torch.equal(a, b) for a, b in zip(reuse, unit))
+    gains = [aligned_run.policy_state.gain(u) for u in ("c", "u")]
+    assert all(1.0 < g <= 2.0 for g in gains)
+    assert not all(torch.equal(a, b) for a, b in zip(reuse, aligned))
+
+
+def test_dicache_and_magcache_read_what_their_site_has():
+    with pytest.raises(ValueError, match="probe_blocks >= 1"):
+        CacheConfig(policy=DiCache(), site=Site("model"))
+    _, run, _ = sample(CacheConfig(policy=MagCache(speed=1.0), site=Site("span", probe_blocks=1)))
+    assert all(ev.decision == COMPUTED for ev in run.trace.evaluations)  # no curve: a calibration run
+    assert len(run.policy_state.recorded) == len(SIGMAS) - 1
 
 
 def test_forecast_fill_is_marked_and_differs_from_reuse():
@@ -207,15 +262,11 @@ def test_cache_core_never_imports_comfyui():
         assert "import comfy" not in text and "from comfy" not in text and "folder_paths" not in text, path
 
 
-def test_trace_round_trips_through_its_dict_and_renders():
-    from cache_core import Trace, render_map
+def test_trace_round_trips_through_its_dict():
+    from cache_core import Trace
     _, run, _ = sample(CacheConfig(policy=FixedInterval(interval=2), site=Site("span", probe_blocks=1)))
     data = run.trace.to_dict()
-    again = Trace.from_dict(data)
-    assert again.to_dict() == data
-    image = render_map(again, cell=4)
-    assert image.shape == (5 * 4, 6 * 4, 3)
-    assert (image[4 * 1 + 2, 4 * 1 + 2] == (70, 130, 220)).all()  # block 1 reused at evaluation 1
+    assert Trace.from_dict(data).to_dict() == data
 
 
 @pytest.mark.parametrize("kind", FORECASTER_KINDS)

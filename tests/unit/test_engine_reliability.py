@@ -20,7 +20,7 @@ def model_call(run, uuids, sigma, x):
         out = 2 * x + offsets
         run.store("model", out)
         if run.reference_chunk(out) is not None:
-            run.computed(run.reference_chunk(out))
+            run.computed(run.reference_chunk(out), run.reference_chunk(out - x))
         run.mark(0, COMPUTED)
         return out
     run.mark(0, run.fill_action)
@@ -75,8 +75,8 @@ class _InfinitePolicy(Policy):
 
     def new_state(self):
         class State(PolicyState):
-            def decide(self, indicator, forced):
-                return forced, math.inf  # a rate over a vanishing change
+            def measure(self, sigma, indicator):
+                return math.inf  # a rate over a vanishing change
         return State()
 
 

@@ -7,6 +7,7 @@ all methods are compared on exactly the same sampler runs.
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import json
 import os
@@ -86,54 +87,101 @@ def external_wan(host, model_file: str, cond_file: str) -> Models:
     return Models(paths, {"wan": f"--model-file {model_file} --cond-file {cond_file}"})
 
 
-def _labels(path: str, count: int) -> tuple[list[int], int]:
-    """`count` positive labels spread over the file and the negative one: the last row (the null
-    label of the trained models' files)."""
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Command-line overrides of every case's sampler settings and samples (None: the case's own)."""
+
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    labels: tuple | None = None  # label rows of the embeddings file (the last row stays the negative)
+    seeds: tuple | None = None
+
+    def sampler(self, **case_sampler) -> dict:
+        overrides = dict(sampler_name=self.sampler_name, scheduler=self.scheduler, steps=self.steps, cfg=self.cfg)
+        return {**case_sampler, **{k: v for k, v in overrides.items() if v is not None}}
+
+    def apply_to_workflow(self, graph: dict) -> list[dict]:
+        """The workflow once per seed, with the sampler overrides on every node that has those inputs."""
+        if self.labels is not None:
+            raise ValueError("--labels chooses rows of the tiny models' label files; a workflow has its own prompts")
+        graph = copy.deepcopy(graph)
+        overrides = self.sampler()
+        for node in graph.values():
+            node["inputs"].update({k: v for k, v in overrides.items() if k in node["inputs"]})
+        out = []
+        for seed in self.seeds or [None]:
+            seeded = copy.deepcopy(graph)
+            for node in seeded.values():
+                for key in ("seed", "noise_seed"):
+                    if seed is not None and key in node["inputs"] and not isinstance(node["inputs"][key], list):
+                        node["inputs"][key] = seed
+            out.append(seeded)
+        return out
+
+
+def _labels(path: str, count: int, chosen=None) -> tuple[list[int], int]:
+    """`count` positive labels spread over the file (or the `chosen` ones) and the negative one: the
+    last row (the null label of the trained models' files)."""
     n = label_count(path)
     if n < 2:
         raise ValueError(f"{path}: need at least 2 label embeddings (the last one is the negative), found {n}")
+    if chosen is not None:
+        wrong = [label for label in chosen if not 0 <= label < n - 1]
+        if wrong:
+            raise ValueError(f"--labels {wrong}: {path} has labels 0..{n - 2} (row {n - 1} is the negative)")
+        return list(chosen), n - 1
     count = min(count, n - 1)
     return [i * (n - 1) // count for i in range(count)], n - 1
 
 
-def _case(case_id, model, name, build, labels_path, n_labels, seeds, **extra) -> Case:
-    positives, negative = _labels(labels_path, n_labels)
+def _sampler_name(sampler: dict) -> str:
+    text = f"{sampler['sampler_name']}/{sampler['scheduler']} {sampler['steps']}"
+    return text if sampler["cfg"] == CFG else f"{text}, cfg {sampler['cfg']:g}"
+
+
+def _case(case_id, model, kind, sampler, build, labels_path, n_labels, seeds, schedule=None, **extra) -> Case:
+    schedule = schedule or Schedule()
+    sampler = schedule.sampler(**sampler)
+    positives, negative = _labels(labels_path, n_labels, schedule.labels)
     cached, samples = [], []
     for label in positives:
-        for seed in seeds:
-            cached.append(graphs.with_cache(build(label=label, negative_label=negative, seed=seed)))
+        for seed in schedule.seeds or seeds:
+            cached.append(graphs.with_cache(build(label=label, negative_label=negative, seed=seed, **sampler)))
             samples.append(f"label {label} seed {seed}")
-    return Case(case_id, model, name, cached, samples, **extra)
+    return Case(case_id, model, f"{kind}, {_sampler_name(sampler)}", cached, samples, **extra)
 
 
-def tiny_cases(models: Models, quick: bool, wan_name: str = "tiny-wan") -> list[Case]:
-    """Image and video on Wan, image on Flux; Euler 30 steps and a non-uniform schedule."""
+def tiny_cases(models: Models, quick: bool, wan_name: str = "tiny-wan", schedule: Schedule | None = None) -> list[Case]:
+    """Image and video on Wan, image on Flux; Euler 30 steps and two non-uniform schedules."""
     paths = models.paths
     size = QUICK_SIZE if quick else IMAGE_SIZE
     euler = dict(sampler_name="euler", scheduler="simple", steps=6 if quick else 30, cfg=CFG)
     dpm = dict(sampler_name="dpmpp_2m", scheduler="karras", steps=5 if quick else 20, cfg=CFG)
+    unipc = dict(sampler_name="uni_pc", scheduler="beta", steps=6 if quick else 50, cfg=4.0)
     n_labels, seeds = (1, [1]) if quick else (2, [1, 2])
     video_frames = 2 if quick else 4
 
-    def wan(frames, sampler):
-        return lambda **k: graphs.wan_graph(paths, size=size, frames=frames, **sampler, **k)
+    def wan(frames):
+        return lambda **k: graphs.wan_graph(paths, size=size, frames=frames, **k)
 
-    def flux(sampler):
-        return lambda **k: graphs.flux_graph(paths, size=size, **sampler, **k)
+    def flux(**k):
+        return graphs.flux_graph(paths, size=size, **k)
 
     out = []
     if "wan_name" in paths:
+        labels = paths["wan_labels"]
         out += [
-            _case("wan-image", wan_name, f"image, euler/simple {euler['steps']}", wan(1, euler), paths["wan_labels"],
-                  n_labels, seeds),
-            _case("wan-image-dpm", wan_name, f"image, dpmpp_2m/karras {dpm['steps']}", wan(1, dpm),
-                  paths["wan_labels"], n_labels, seeds),
-            _case("wan-video", wan_name, f"video {video_frames} latent frames, euler/simple {euler['steps']}",
-                  wan(video_frames, euler), paths["wan_labels"], n_labels, seeds[:1]),
+            _case("wan-image", wan_name, "image", euler, wan(1), labels, n_labels, seeds, schedule),
+            _case("wan-image-dpm", wan_name, "image", dpm, wan(1), labels, n_labels, seeds, schedule),
+            _case("wan-image-unipc", wan_name, "image", unipc, wan(1), labels, n_labels, seeds, schedule),
+            _case("wan-video", wan_name, f"video {video_frames} latent frames", euler, wan(video_frames), labels,
+                  n_labels, seeds[:1], schedule),
         ]
     if "flux" in paths:
-        out.append(_case("flux-image", "tiny-flux", f"image, euler/simple {euler['steps']}", flux(euler),
-                         paths["flux_labels"], n_labels, seeds))
+        out.append(_case("flux-image", "tiny-flux", "image", euler, flux, paths["flux_labels"], n_labels, seeds,
+                         schedule))
     return out
 
 
@@ -150,18 +198,25 @@ def slice_case(host, quick: bool) -> Case:
     host.add_model_dir(folder)
     paths = dict(wan_name=name, wan_labels=labels)
     sampler = dict(sampler_name="euler", scheduler="simple", steps=4 if quick else 8, cfg=CFG)
-    build = lambda **k: graphs.wan_graph(paths, size=QUICK_SIZE if quick else IMAGE_SIZE, **sampler, **k)
+    build = lambda **k: graphs.wan_graph(paths, size=QUICK_SIZE if quick else IMAGE_SIZE, **k)
     model = "wan-slice dim {dim} ffn {ffn_dim} x{num_layers} blocks (random)".format(**dims)
-    return _case("slice", model, f"image, euler/simple {sampler['steps']}", build, labels, 1, [1], threads=2,
-                 fixed_only=True, repeats=2 if quick else 3)
+    return _case("slice", model, "image", sampler, build, labels, 1, [1], threads=2, fixed_only=True,
+                 repeats=2 if quick else 3)
 
 
-def workflow_case(path: str) -> Case:
-    """Any API-format workflow holding one ApplyFeatureCache, run as it is (its own seed and prompt)."""
+def workflow_case(host, path: str, schedule: Schedule | None = None) -> Case:
+    """Any API-format workflow holding one ApplyFeatureCache, run as it is (its own prompt; seed and
+    sampler as given unless overridden). The bundled models' folder is registered, so the workflows
+    in workflows/ that load the tiny models run as they are."""
     with open(path) as f:
         workflow = graphs.resolve_paths(json.load(f), REPO_ROOT)
     applies = [nid for nid, node in workflow.items() if node.get("class_type") == "ApplyFeatureCache"]
     if len(applies) != 1:
         raise ValueError(f"{path}: a workflow to benchmark needs exactly one ApplyFeatureCache node, found {len(applies)}")
-    return Case("workflow", os.path.basename(path), "workflow as given", [workflow], ["as given"], threads=None,
-                repeats=3)
+    host.add_model_dir(MODELS_DIR)
+    schedule = schedule or Schedule()
+    runs = schedule.apply_to_workflow(workflow)
+    samples = [f"seed {seed}" for seed in schedule.seeds] if schedule.seeds else ["as given"]
+    overrides = ", ".join(f"{k}={v}" for k, v in schedule.sampler().items())
+    return Case("workflow", os.path.basename(path), f"workflow, {overrides}" if overrides else "workflow as given",
+                runs, samples, threads=None, repeats=3)

@@ -1,0 +1,189 @@
+"""Running a case's graphs in the host and measuring each method's settings against the uncached runs."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import statistics
+import time
+import traceback
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks import graphs
+from benchmarks.frontier.flops import counting_flops
+from benchmarks.frontier.methods import Method
+from benchmarks.latent import frames
+from benchmarks.metrics import psnr, ssim
+
+PSNR_CAP = 100.0
+
+
+class SamplerClock:
+    """Time stamps of the host's progress hook: the sampler calls it after every step."""
+
+    def __init__(self):
+        self.stamps: list[tuple[str | None, float]] = []
+
+    def __enter__(self):
+        import comfy.utils
+        self._utils = comfy.utils
+        self._previous = (comfy.utils.PROGRESS_BAR_HOOK, comfy.utils.PROGRESS_BAR_ENABLED)
+        comfy.utils.set_progress_bar_global_hook(self._hook)
+        comfy.utils.set_progress_bar_enabled(False)  # no tqdm bars on stderr
+        return self
+
+    def __exit__(self, *exc):
+        self._utils.set_progress_bar_global_hook(self._previous[0])
+        self._utils.set_progress_bar_enabled(self._previous[1])
+
+    def _hook(self, *args, **kwargs):
+        from comfy_execution.utils import get_executing_context
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # kernels are asynchronous: stamp when the step has really finished
+        context = get_executing_context()
+        self.stamps.append((context.node_id if context else None, time.perf_counter()))
+        if self._previous[0] is not None:
+            self._previous[0](*args, **kwargs)
+
+    def take(self) -> tuple[float, int, int]:
+        """(seconds between each sampler node's first and last step, steps in them, sampler nodes); resets."""
+        by_node: dict = {}
+        for node, stamp in self.stamps:
+            by_node.setdefault(node, []).append(stamp)
+        self.stamps = []
+        return (sum(s[-1] - s[0] for s in by_node.values()), sum(len(s) - 1 for s in by_node.values()), len(by_node))
+
+
+@dataclasses.dataclass
+class Run:
+    images: torch.Tensor
+    latent: torch.Tensor | None
+    timing: tuple  # SamplerClock.take()
+    report: dict | None
+    flops: int | None  # diffusion-model FLOPs, when counted (flops.py)
+
+
+def _saved_images(outputs: dict) -> torch.Tensor:
+    """The IMAGE outputs a workflow saved or previewed, [N, 3, H, W] in [0, 1]."""
+    import folder_paths
+    images = []
+    for node_id in sorted(outputs):
+        for item in outputs[node_id].get("images", []):
+            path = os.path.join(folder_paths.get_directory_by_type(item["type"]), item.get("subfolder", ""),
+                                item["filename"])
+            array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+            images.append(torch.from_numpy(array).permute(2, 0, 1))
+    if not images:
+        raise ValueError("the graph saved no images (add a SaveImage or PreviewImage node) and has no latent capture")
+    return torch.stack(images)
+
+
+def run_graph(host, graph: dict, clock: SamplerClock, count_flops: bool = False) -> Run:
+    """Runs a graph; a counted run is slower (a dispatch mode sees every op), so it is never timed."""
+    with counting_flops() if count_flops else contextlib.nullcontext() as count:
+        outputs = host.execute(graph)
+    timing = clock.take()
+    capture = next((n for n in graph.values() if n["class_type"] == "FCFixtureCapture"), None)
+    latent = host.captured(capture["inputs"]["key"]) if capture else None
+    images = frames(latent) if latent is not None else _saved_images(outputs)
+    report = next((ui["feature_cache_report"][0] for ui in outputs.values() if "feature_cache_report" in ui), None)
+    return Run(images, latent, timing, report, count.total if count_flops else None)
+
+
+def _sampler_seconds(timings: list, uncached: list) -> float:
+    """Median sampler time; the first step of each sampler (before the first stamp) at the uncached rate."""
+    per_step = sum(t[0] for t in uncached) / max(1, sum(t[1] for t in uncached))
+    return statistics.median(t[0] + t[2] * per_step for t in timings)
+
+
+RAISED_AT = "\n\nraised at:\n"
+
+
+def failure_text(error: BaseException) -> str:
+    """The whole error (a host validation or node failure carries its cause, the node's traceback
+    included, on the lines after the first) and where the benchmark saw it raised."""
+    where = "".join(traceback.format_tb(error.__traceback__)[-3:]) if error.__traceback__ else ""
+    return f"{type(error).__name__}: {str(error).strip()}" + (RAISED_AT + where.rstrip() if where else "")
+
+
+def new_record(case, method: Method, setting: dict) -> dict:
+    return dict(model=case.model, case=case.name, case_id=case.id, method=method.name, family=method.family,
+                setting=setting, status="ok",
+                error=None, samples=len(case.graphs), compute_fraction=None, report_fraction=None, flops=None,
+                flops_uncached=None, ideal_speedup=None, wallclock_speedup=None, efficiency=None, psnr=None, ssim=None,
+                latent_psnr=None, cache_bytes=None, sampler_seconds=None, sampler_seconds_uncached=None)
+
+
+def measure(host, case, method: Method, setting: dict, references: list, clock: SamplerClock) -> dict:
+    """One setting of a method on a case: per sample, a FLOP-counted run for fidelity and compute
+    fraction; then `case.repeats` interleaved uncached / cached runs for the wall clock."""
+    record = new_record(case, method, setting)
+    try:
+        fractions, report_fractions, flops, fidelity, cache_bytes = [], [], [], [], []
+        for graph, ref in zip(case.graphs, references):
+            run = run_graph(host, method.rewrite(graph, setting), clock, count_flops=True)
+            fidelity.append((min(psnr(run.images, ref.images), PSNR_CAP), ssim(run.images, ref.images),
+                             None if ref.latent is None else
+                             min(psnr(run.latent, ref.latent, float(ref.latent.abs().max())), PSNR_CAP)))
+            if run.flops == 0:
+                raise ValueError("no diffusion-model FLOPs were counted in the cached run: cannot measure its compute")
+            fractions.append(run.flops / ref.flops)
+            flops.append(run.flops)
+            if run.report is not None:
+                report_fractions.append(run.report["compute_fraction"])
+                cache_bytes.append(run.report["peak_cache_bytes"])
+            elif method.ours:
+                raise ValueError("the cached run produced no cache report")
+        cached_t, uncached_t = [], []
+        for k in range(case.repeats):
+            graph = case.graphs[k % len(case.graphs)]
+            uncached_t.append(run_graph(host, graphs.without_cache(graph), clock).timing)
+            cached_t.append(run_graph(host, method.rewrite(graph, setting), clock).timing)
+        fraction = statistics.mean(fractions)
+        u_seconds, c_seconds = _sampler_seconds(uncached_t, uncached_t), _sampler_seconds(cached_t, uncached_t)
+        wallclock = u_seconds / c_seconds
+        ideal = 1.0 / fraction if fraction > 0 else math.inf
+        record.update(compute_fraction=fraction, ideal_speedup=ideal, wallclock_speedup=wallclock,
+                      report_fraction=statistics.mean(report_fractions) if report_fractions else None,
+                      flops=statistics.mean(flops), flops_uncached=statistics.mean(r.flops for r in references),
+                      efficiency=wallclock / ideal, sampler_seconds=c_seconds, sampler_seconds_uncached=u_seconds,
+                      psnr=statistics.mean(f[0] for f in fidelity), ssim=statistics.mean(f[1] for f in fidelity),
+                      latent_psnr=None if fidelity[0][2] is None else statistics.mean(f[2] for f in fidelity),
+                      cache_bytes=max(cache_bytes) if cache_bytes else None)
+    except Exception as error:  # a failing method or node is a result, not the end of the benchmark
+        record.update(status="failed", error=failure_text(error))
+    return record
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_case(host, case, methods: list, clock, progress) -> list:
+    """All methods on one case. If the uncached reference runs fail, every method is recorded as failed."""
+    with torch_threads(case.threads):
+        try:
+            references = [run_graph(host, graphs.without_cache(g), clock, count_flops=True) for g in case.graphs]
+        except Exception as error:
+            text = "the uncached reference run failed: " + failure_text(error)
+            return [dict(new_record(case, m, s), status="failed", error=text)
+                    for m in methods for s in m.settings_for(case.id)]
+        records = []
+        for method in methods:
+            for setting in method.settings_for(case.id):
+                started = time.perf_counter()
+                record = measure(host, case, method, setting, references, clock)
+                records.append(record)
+                progress(record, time.perf_counter() - started)
+    return records

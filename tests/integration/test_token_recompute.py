@@ -1,0 +1,86 @@
+"""Token-level partial recompute (Cache Token Ratio) on the tiny Wan and Flux through the host's own sampler."""
+import pytest
+import torch
+
+from benchmarks.graphs import GRAPHS, flux_graph, wan_graph, with_cache
+
+STEPS = 6
+INTERVAL = 3  # computed evaluations 0 and 3, the others filled
+# 64-pixel latents are 8x8: 16 image tokens per frame (2x2 patches); the label conditioning has 8 text tokens
+CASES = {  # (graph, rows of the trace, image tokens, text rows a partial block also runs)
+    "wan-image": (lambda paths: wan_graph(paths, steps=STEPS), 4, 16, 0),
+    "wan-video": (lambda paths: wan_graph(paths, steps=STEPS, frames=2), 4, 32, 0),
+    "flux-image": (lambda paths: flux_graph(paths, steps=STEPS), 6, 16, 8),
+}
+SELECTIONS = {"score": {}, "cluster": {"selection": "cluster", "clusters": 2}, "random": {"selection": "random"},
+              "duca": {"selection": "random", "alternate": True}}
+
+
+def token_graph(graph, site="span", **tokens):
+    graph = with_cache(graph, policy={"method": "fixed", "threshold": float(INTERVAL), "warmup_steps": 0},
+                       apply={"site": site, "probe_blocks": 1})
+    graph["cache_tokens"] = {"class_type": "FeatureCacheTokenRatio", "inputs": {
+        "selection": "score", "ratio": 0.25, "clusters": 16, "gamma": 1.0, "alternate": False, **tokens}}
+    graph["cache_apply"]["inputs"]["tokens"] = ["cache_tokens", 0]
+    return graph
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+def test_every_selection_samples_and_computes_the_predicted_fraction(case, selection, paths, run_graph):
+    make, rows, tokens, text = CASES[case]
+    latent, report = run_graph(token_graph(make(paths), **SELECTIONS[selection]))
+    assert torch.isfinite(latent).all()
+    decisions = [e["decision"] for e in report["trace"]["evaluations"]]
+    partial = [1, 4] if selection == "duca" else [1, 2, 4, 5]
+    assert [i for i, d in enumerate(decisions) if d == "partial"] == partial
+    assert [i for i, d in enumerate(decisions) if d == "computed"] == [0, 3]
+    cell = (text + round(0.25 * tokens)) / (text + tokens)  # rows a partial block runs / rows of a full run
+    work = 2 * rows + len(partial) * (1 + (rows - 1) * cell) + (STEPS - 2 - len(partial))  # probe always runs
+    assert report["compute_fraction"] == pytest.approx(work / (STEPS * rows))
+    assert report["cells"]["partial"] == len(partial) * (rows - 1)
+
+
+@pytest.mark.parametrize("family", list(GRAPHS))
+@pytest.mark.parametrize("site", ["span", "blocks"])
+def test_ratio_one_is_bit_identical_to_the_uncached_graph(family, site, paths, run_graph):
+    """Every token gathered (with its rotary rows) and scattered back: exactly a full compute."""
+    plain, _ = run_graph(GRAPHS[family](paths, steps=STEPS))
+    latent, report = run_graph(token_graph(GRAPHS[family](paths, steps=STEPS), site=site, ratio=1.0))
+    assert report["evaluations_partial"] == 4
+    assert torch.equal(latent, plain)
+
+
+def test_too_many_clusters_fail_at_the_first_call_naming_the_input(host, paths):
+    graph = token_graph(wan_graph(paths, steps=2), selection="cluster", clusters=8)  # 4 of 16 tokens recomputed
+    with pytest.raises(RuntimeError, match="lower 'clusters' to at most 4"):
+        host.execute(graph)
+
+
+def test_the_model_site_with_tokens_says_to_choose_span_or_blocks(host, paths):
+    graph = token_graph(wan_graph(paths, steps=2), site="model")
+    with pytest.raises(RuntimeError, match="choose site 'span' or 'blocks'"):
+        host.execute(graph)
+
+
+def test_a_model_whose_adapter_cannot_gather_tokens_is_refused_before_sampling(product, models, monkeypatch):
+    import dataclasses
+    adapters, integration, core = product("nodes.adapters"), product("nodes.integration"), product("cache_core")
+    wan = models["wan"][0]
+    adapter = adapters.adapter_for(wan.model.diffusion_model)
+    blind = dataclasses.replace(adapter, kinds=tuple(dataclasses.replace(k, token_rows=None) for k in adapter.kinds))
+    config = core.CacheConfig(site=core.Site("span", probe_blocks=1), tokens=core.TokenConfig())
+    monkeypatch.setattr(integration, "adapter_for", lambda _model: blind)  # an architecture without token layouts
+    with pytest.raises(ValueError, match="cannot gather the tokens.*disconnect the tokens input"):
+        integration.install(wan, config, integration.CacheHandle())
+
+
+@pytest.mark.parametrize("name, tokens", [
+    ("fixed+reuse@span+toca0.25", {"selection": "score", "ratio": 0.25}),
+    ("fixed+reuse@span+clusca0.1", {"selection": "cluster", "clusters": 4, "ratio": 0.1}),
+    ("fixed+reuse@span+random0.5", {"selection": "random", "ratio": 0.5}),
+    ("fixed+reuse@span+duca0.25", {"selection": "random", "alternate": True, "ratio": 0.25}),
+])
+def test_benchmark_token_names_set_the_token_node(host, name, tokens):
+    from benchmarks.frontier import names
+    assert names.parse(host, name).inputs["tokens"] == tokens

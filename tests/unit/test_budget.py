@@ -1,0 +1,71 @@
+"""The budget controller on synthetic indicator sequences: the compute fraction lands on the budget."""
+import math
+
+import pytest
+
+from cache_core import budget_for_speed
+from cache_core.budget import BudgetController
+
+SHAPES = {
+    "constant": lambda x: 1.0,
+    "decreasing": lambda x: math.exp(-4 * x),
+    "increasing": lambda x: 0.1 + x * x,
+    "u-shaped": lambda x: 0.05 + (2 * x - 1) ** 4,
+    "spiky": lambda x: 5.0 if int(x * 40) % 7 == 0 else 0.2,
+}
+
+
+def _fraction(controller: BudgetController, increments: list, per_step: int, fill_cost: float,
+              warmup: int = 1, max_consecutive: int = 0) -> float:
+    """Drive the controller as the engine does: accumulated value reset at each compute."""
+    value, since, work = 0.0, 0, 0.0
+    for i, increment in enumerate(increments):
+        value += increment
+        controller.count()
+        forced = i < warmup or (max_consecutive and since >= max_consecutive)
+        compute = forced or controller.wants_compute(value, i // per_step)
+        controller.record(value, compute)
+        work += 1.0 if compute else fill_cost
+        value, since = (0.0, 0) if compute else (value, since + 1)
+    return work / len(increments)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 300.0])
+@pytest.mark.parametrize("steps,per_step", [(20, 1), (30, 1), (50, 1), (25, 2)])
+@pytest.mark.parametrize("budget", [0.6, 0.4, 0.25, 0.15])
+def test_compute_fraction_lands_on_the_budget(shape, scale, steps, per_step, budget):
+    evaluations = steps * per_step
+    increments = [scale * SHAPES[shape](i / evaluations) for i in range(evaluations)]
+    fraction = _fraction(BudgetController(budget, steps), increments, per_step, 0.0)
+    assert abs(fraction - budget) <= 0.05
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.35])
+def test_fills_that_still_run_probe_blocks_are_counted(budget):
+    increments = [SHAPES["u-shaped"](i / 30) for i in range(30)]
+    assert abs(_fraction(BudgetController(budget, 30, fill_cost=0.25), increments, 1, 0.25) - budget) <= 0.05
+
+
+def test_computes_go_where_the_indicator_grows():
+    """A burst of change in the middle of the run gets the computes, flat stretches get fills."""
+    increments = [1.0 if 10 <= i < 20 else 0.01 for i in range(30)]
+    controller, computes, value = BudgetController(0.4, 30), [], 0.0
+    for i, increment in enumerate(increments):
+        value += increment
+        controller.count()
+        compute = i == 0 or controller.wants_compute(value, i)
+        controller.record(value, compute)
+        computes.append(compute)
+        value = 0.0 if compute else value
+    assert sum(computes[10:20]) > sum(computes[20:30]) and sum(computes[10:20]) >= 5
+
+
+def test_budget_one_computes_everything_and_speed_maps_monotonically():
+    controller = BudgetController(1.0, 10)
+    assert _fraction(controller, [0.0] * 10, 1, 0.0) == 1.0
+    budgets = [budget_for_speed(s / 10) for s in range(11)]
+    assert budgets[0] == 1.0 and budgets[-1] == pytest.approx(0.15)
+    assert all(a > b for a, b in zip(budgets, budgets[1:]))
+    with pytest.raises(ValueError):
+        budget_for_speed(1.2)

@@ -1,0 +1,190 @@
+"""Token-level partial recompute on plain tensors: gather, selections, ratio 1, ClusCa propagation, fractions."""
+import pytest
+import torch
+
+from cache_core import (BlockRunner, CacheConfig, CacheRun, FixedInterval, ForecasterConfig, Site, TokenConfig,
+                        TokenLayout, Trace, COMPUTED, PARTIAL, REUSED)
+from cache_core.tokens import TokenState, gather, kmeans, spread_over_clusters
+
+from test_engine import LAYOUT, SIGMAS, STREAMS, TinyDiT, _inputs, sample
+
+# TinyDiT's double blocks see (img, txt), its single blocks cat(txt, img), as Flux's do.
+LAYOUTS = {"double": TokenLayout("img", text="txt", rows=(("pe", 1),)),
+           "single": TokenLayout("img", text="txt", text_in_stream=True, rows=(("pe", 1),))}
+
+
+REUSE = CacheConfig(policy=FixedInterval(interval=3, warmup_steps=0), site=Site("span", probe_blocks=1))
+
+
+def sample_tokens(config, uuids=("c", "u"), model=None):
+    model = model or TinyDiT()
+    run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
+    runner = BlockRunner(run, config.site.plan(LAYOUT), STREAMS, token_layouts=LAYOUTS)
+    img, txt = _inputs(len(uuids))
+    outs = []
+    for sigma in SIGMAS[:-1]:
+        out = model(img, txt, sigma, list(uuids), runner)
+        outs.append(out)
+        img = img + 0.05 * out
+    return outs, run, model
+
+
+def config(selection="score", ratio=0.5, site="span", interval=3, **tokens):
+    return CacheConfig(policy=FixedInterval(interval=interval, warmup_steps=0), site=Site(site, probe_blocks=1),
+                       tokens=TokenConfig(selection=selection, ratio=ratio, **tokens))
+
+
+def test_gather_takes_the_token_rows_and_their_positional_rows_behind_the_text():
+    txt, img = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    pe = torch.arange(8.0).view(1, 8, 1)  # one row per position: 3 text, then 5 tokens
+    index = torch.tensor([1, 4])
+    double = gather({"img": img, "txt": txt, "pe": pe, "vec": 7}, LAYOUTS["double"], ("img", "txt"), index, 3)
+    assert torch.equal(double["img"], img[:, [1, 4]]) and torch.equal(double["txt"], txt)
+    assert double["txt"] is not txt  # blocks may update their input in place: whole streams are copies
+    assert double["pe"].flatten().tolist() == [0, 1, 2, 4, 7] and double["vec"] == 7
+    single = gather({"img": torch.cat([txt, img], 1), "pe": pe}, LAYOUTS["single"], ("img",), index, 3)
+    assert torch.equal(single["img"], torch.cat([txt, img[:, [1, 4]]], 1))
+    # scattering the rows back where they came from restores the stream
+    assert torch.equal(torch.zeros_like(img).index_copy(1, index, double["img"])[:, index], img[:, index])
+
+
+def test_gather_shares_broadcast_rows_and_expands_coarse_rows():
+    layout = TokenLayout("img", rows=(("vec", 1), ("mask", (-2, -1))))
+    img = torch.randn(1, 6, 2)
+    per_frame = torch.tensor([[10.0], [20.0], [30.0]]).view(1, 3, 1)  # each row covers 2 consecutive tokens
+    mask = torch.arange(36.0).view(1, 6, 6)
+    index = torch.tensor([0, 3, 5])
+    sub = gather({"img": img, "vec": per_frame, "mask": mask}, layout, ("img",), index, 0)
+    assert sub["vec"].flatten().tolist() == [10, 20, 30]
+    assert torch.equal(sub["mask"], mask[:, index][:, :, index])
+    shared = gather({"img": img, "vec": torch.ones(1, 1, 6)}, layout, ("img",), index, 0)
+    assert shared["vec"].shape == (1, 1, 6)
+
+
+@pytest.mark.parametrize("selection", ["score", "cluster", "random"])
+@pytest.mark.parametrize("site", ["span", "blocks"])
+def test_ratio_one_is_a_full_compute_bit_for_bit(selection, site):
+    outs, run, _ = sample_tokens(config(selection, ratio=1.0, site=site, clusters=2))
+    full, _, _ = sample(CacheConfig(policy=FixedInterval(interval=1), site=Site(site, probe_blocks=1)))
+    assert [ev.decision for ev in run.trace.evaluations].count(PARTIAL) == 4
+    assert all(torch.equal(a, b) for a, b in zip(outs, full))
+    assert run.report()["compute_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("selection", ["score", "cluster", "random"])
+def test_partial_evaluation_recomputes_the_selected_tokens_and_fills_the_others(selection):
+    """TinyDiT's blocks act per token, so recomputed rows equal the full compute and the others the plain fill."""
+    full, _, _ = sample(CacheConfig(policy=FixedInterval(interval=1), site=Site("span", probe_blocks=1)))
+    reuse, _, _ = sample(REUSE)
+    one, run1, _ = _first_partial(selection)
+    chosen = run1.tokens.memory["c"].age == 0
+    assert 0 < int(chosen.sum()) < chosen.numel()
+    assert torch.allclose(one[:, chosen], full[1][:, chosen], atol=1e-6)
+    assert torch.equal(one[:, ~chosen], reuse[1][:, ~chosen])
+
+
+def _first_partial(selection, gamma=0.0):
+    """Outputs of evaluation 1 of a token run fed the full-compute trajectory's inputs (so inputs agree)."""
+    cfg = config(selection, ratio=0.5, clusters=2, gamma=gamma)
+    model = TinyDiT()
+    run = CacheRun(cfg, cfg.site.rows(LAYOUT), SIGMAS)
+    runner = BlockRunner(run, cfg.site.plan(LAYOUT), STREAMS, token_layouts=LAYOUTS)
+    img, txt = _inputs()
+    out0 = model(img, txt, SIGMAS[0], ["c", "u"], runner)
+    img = img + 0.05 * out0
+    return model(img, txt, SIGMAS[1], ["c", "u"], runner), run, model
+
+
+def test_cluster_propagation_with_gamma_zero_is_reuse_and_with_gamma_moves_the_cluster():
+    reuse, _, _ = sample(REUSE)
+    still, run, _ = _first_partial("cluster", gamma=0.0)
+    moved, _, _ = _first_partial("cluster", gamma=0.5)
+    others = run.tokens.memory["c"].age > 0
+    assert torch.equal(still[:, others], reuse[1][:, others])
+    assert not torch.allclose(moved[:, others], reuse[1][:, others])
+
+
+def test_gamma_zero_changes_no_filled_row():
+    state = TokenState(TokenConfig(selection="cluster", clusters=2, gamma=0.0))
+    state.labels = torch.tensor([0, 0, 1, 1])
+    fill, index = torch.randn(1, 4, 3), torch.tensor([0, 2])
+    assert state.update("k", ["c"], fill, index, torch.randn(1, 2, 3)) is None
+    state = TokenState(TokenConfig(selection="cluster", clusters=2, gamma=0.5))
+    state.labels = torch.tensor([0, 0, 1, 1])
+    fresh = torch.randn(1, 2, 3)
+    change = state.update("k", ["c"], fill, index, fresh)
+    assert torch.allclose(change[:, 1], 0.5 * (fresh[:, 0] - fill[:, 0]))  # half its cluster's update
+    assert torch.allclose(change[:, 3], 0.5 * (fresh[:, 1] - fill[:, 2]))
+    assert torch.equal(change[:, index], torch.zeros(1, 2, 3))
+
+
+@pytest.mark.parametrize("selection", ["score", "cluster", "random"])
+def test_selection_is_deterministic_for_a_fixed_seed(selection):
+    def indices(seed):
+        _, run, _ = sample_tokens(config(selection, ratio=0.5, clusters=2, seed=seed))
+        return run.tokens.memory["c"].age.tolist(), [ev.actions for ev in run.trace.evaluations]
+    assert indices(0) == indices(0)
+    if selection == "random":
+        assert indices(0) != indices(3)
+
+
+def test_score_prefers_changed_and_old_tokens():
+    state = TokenState(TokenConfig(selection="score", ratio=0.25))
+    base = torch.ones(1, 8, 2)
+    state.select(base, ["c"], 0, compute=True, partial=False, reference=0)
+    moved = base.clone()
+    moved[0, 5] += 3.0
+    assert state.select(moved, ["c"], 1, compute=False, partial=True, reference=0).tolist() == [0, 5]
+    # token 5 is fresh now; the oldest tokens (all but 0 and 5) win, lowest index first on ties
+    assert state.select(moved, ["c"], 2, compute=False, partial=True, reference=0).tolist() == [1, 2]
+
+
+def test_kmeans_is_deterministic_and_every_cluster_gives_a_token_first():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(10, 4, generator=g) + 10, torch.randn(6, 4, generator=g) - 10])
+    labels = kmeans(x, 2)
+    assert torch.equal(labels, kmeans(x, 2))
+    assert len(set(labels[:10].tolist())) == 1 and len(set(labels[10:].tolist())) == 1
+    chosen = spread_over_clusters(labels, 4, torch.randperm(16, generator=g))
+    assert set(labels[chosen].tolist()) == {0, 1} and chosen.numel() == 4
+
+
+def test_duca_alternates_partial_and_plain_fills():
+    _, run, _ = sample_tokens(config("random", ratio=0.5, interval=4, alternate=True))
+    assert [ev.decision for ev in run.trace.evaluations] == [COMPUTED, PARTIAL, REUSED, PARTIAL, COMPUTED, PARTIAL]
+
+
+def test_forecasters_fill_the_tokens_that_were_not_recomputed():
+    cfg = CacheConfig(policy=FixedInterval(interval=3, warmup_steps=0), site=Site("span", probe_blocks=1),
+                      forecaster=ForecasterConfig("taylor", 1), tokens=TokenConfig(ratio=0.5))
+    outs, run, _ = sample_tokens(cfg)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert run.report()["evaluations_partial"] == 4
+
+
+def test_compute_fraction_counts_partial_cells_at_their_fraction():
+    # TinyDiT: 6 tokens + 3 text rows; ratio 0.5 runs 3 tokens + the text: 6 of 9 rows
+    _, run, model = sample_tokens(config("random", ratio=0.5))
+    cells = run.trace.counts()
+    assert cells[PARTIAL] == 4 * 4 and cells[COMPUTED] == 2 * 5 + 4
+    assert run.report()["compute_fraction"] == pytest.approx((14 + 16 * 6 / 9) / 30)
+    again = Trace.from_dict(run.report()["trace"])
+    assert again.compute_fraction() == run.trace.compute_fraction()
+
+
+def test_token_memory_is_counted_in_the_peak_cache_bytes():
+    _, plain, _ = sample(REUSE)
+    _, tokens, _ = sample_tokens(config("score"))
+    assert tokens.report()["peak_cache_bytes"] > plain.report()["peak_cache_bytes"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TokenConfig(ratio=0.0), "ratio"),
+    (lambda: TokenConfig(ratio=1.5), "ratio"),
+    (lambda: CacheConfig(site=Site("model"), tokens=TokenConfig()), "'span' or 'blocks'"),
+    (lambda: TokenConfig(selection="cluster", clusters=8, ratio=0.25).count(16), "lower 'clusters' to at most 4"),
+    (lambda: sample_tokens(config("cluster", ratio=0.5, clusters=4)), "clusters"),
+])
+def test_bad_input_says_what_to_change(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
