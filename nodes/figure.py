@@ -67,7 +67,10 @@ def render_figure(report: dict, cell: int = 8) -> np.ndarray:
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = _text_size(probe, "Ag", font)[1] + 6
     label_w = max(_text_size(probe, name, small)[0] for name in rows or ["model"]) + 8
-    title = (f"Feature cache map: {report.get('method')} (threshold {report.get('threshold', 0):.3g}), "
+    threshold = report.get("threshold")
+    control = (f"budget {report['budget']:.2f}" if threshold is None and report.get("budget") is not None
+               else f"threshold {threshold or 0:.3g}")
+    title = (f"Feature cache map: {report.get('method')} ({control}), "
              f"forecaster {report.get('forecaster')}, site {report.get('site')}")
     summary = summary_line(report)
     counts = report.get("cells", {})
