@@ -284,8 +284,10 @@ def run_example(example, ctx) -> None:
             plain = sample(base, family, run, labels_path)
             assert torch.equal(output, plain), "speed 0 differs from the model without the node"
         elif (number > 0 or fresh_needed) and sampled:
-            fresh = Patched(host, integration, example, base)
-            again = sample(fresh.model, family, run, labels_path)
+            # the same config on a fresh clone (re-running the nodes could pick up state they saved, e.g. a
+            # calibration recorded by the first run, which is a different config by design)
+            fresh = integration.install(base, patched.setup.config, integration.CacheHandle())
+            again = sample(fresh, family, run, labels_path)
             assert torch.equal(output, again), "the output depends on what ran before (fresh patched model differs)"
         fresh_needed = False
 
