@@ -7,6 +7,7 @@ Caches are kept per conditioning uuid and per key (a block segment or the whole 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -59,6 +60,15 @@ class CacheConfig:
         }
 
 
+def format_bytes(n: float) -> str:
+    """Human-readable size that stays informative for small caches (never "0.0 MiB")."""
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} GiB"
+
+
 def chunk(tensor: torch.Tensor, n: int, i: int) -> torch.Tensor:
     """The i-th of n equal batch chunks (one per conditioning uuid)."""
     size = tensor.shape[0] // n
@@ -98,33 +108,57 @@ class CacheRun:
         self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
         self.guarded_keys: set = set()
         self.shared: dict = {}  # key -> state its forecasters share across conditionings
+        self.updated_at: dict = {}  # (key, uuid) -> index of the evaluation that last stored it
         self.cache_bytes = 0
         self.ref_uuid = None
-        self.signature = None
+        self.signatures: dict = {}  # uuid -> (chunk shape, dtype, device) of its input
         self.decision: Optional[bool] = None
         self.indicator = None
         self.consecutive_fills = 0
+        self.last_reference_compute = -1  # evaluation index of the reference's latest compute
         self.uuids: list = []
+        self.seen: set = set()  # uuids called in the current evaluation
         self.tokens = TokenState(self.config.tokens) if self.config.tokens is not None else None
 
     # -- calls and evaluations -------------------------------------------------------------
     def begin_call(self, uuids: list, sigma: float, sample: torch.Tensor) -> None:
-        """Start of one model call; detects a new evaluation and shape/dtype/device changes."""
+        """Start of one model call; detects a new evaluation and shape/dtype/device changes.
+
+        Each conditioning keeps its own caches at its own input shape (regional prompts run at
+        their area's size). A new evaluation starts when sigma changes or a conditioning is called
+        again; its first call elects the reference if the previous one is absent (a prompt that is
+        scheduled over only part of the range), and a new reference restarts the policy.
+        """
+        if len(set(uuids)) < len(uuids):  # one key per chunk, never one cache for two chunks
+            uuids = [(u, uuids[:i].count(u)) for i, u in enumerate(uuids)]
         signature = (tuple(chunk(sample, len(uuids), 0).shape), sample.dtype, sample.device)
-        if self.signature is not None and signature != self.signature:
-            self._note(f"input changed from {self.signature} to {signature}: caches reset")
-            self._reset_state()
-        self.signature = signature
-        if self.ref_uuid is None:
-            self.ref_uuid = uuids[0]
+        for uuid in uuids:
+            previous = self.signatures.get(uuid)
+            if previous is not None and previous != signature:
+                self._note(f"input changed from {previous} to {signature}: caches reset")
+                self._drop_caches(uuid)
+                if uuid == self.ref_uuid:
+                    self.policy_state = self.config.policy.new_state()
+            self.signatures[uuid] = signature
         current = self.trace.evaluations[-1] if self.trace.evaluations else None
-        ref_decided_again = self.ref_uuid in uuids and self.decision is not None
-        if current is None or sigma != current.sigma or ref_decided_again:
+        if current is None or sigma != current.sigma or self.seen.intersection(uuids):
             self.trace.begin(sigma, self._step_of(sigma))
             self.decision = None
             self.guarded_keys = set()  # keys whose fills this evaluation fall back to reuse
+            self.seen = set()
+            if self.ref_uuid not in uuids:
+                if self.ref_uuid is not None:
+                    self.policy_state = self.config.policy.new_state()
+                self.ref_uuid = uuids[0]
+        self.seen.update(uuids)
         self.uuids = list(uuids)
         self.prepared = {}
+
+    def _drop_caches(self, uuid) -> None:
+        for key in [k for k in self.forecasters if k[1] == uuid]:
+            self.cache_bytes -= self.forecasters.pop(key).nbytes
+            self.updated_at.pop(key, None)
+            self.norm_bands.pop(key, None)
 
     @property
     def sigma(self) -> float:
@@ -149,12 +183,17 @@ class CacheRun:
 
         `forced_by` names why this call cannot be filled (e.g. ControlNet residuals entering skipped
         blocks); the evaluation is computed and its trace entry says why."""
+        ev = self.trace.evaluations[-1]
         if self.decision is None and self.ref_uuid in self.uuids:
             kind = self.config.policy.indicator
             self.indicator = None if kind == NO_INDICATOR else indicator(kind)
-            forced = bool(forced_by) or self._forced() or not self._has_caches(keys, [self.ref_uuid])
-            ev = self.trace.evaluations[-1]
+            forced = bool(forced_by) or self._forced() or not self._has_caches(keys, self.uuids)
             value = self.policy_state.measure(ev.sigma, self.indicator)
+            if value is not None and not math.isfinite(value):  # e.g. a rate over a vanishing change
+                self._note_once(f"the {self.config.policy.method} indicator was not finite: that evaluation was "
+                                "computed and the policy restarted")
+                self.policy_state = self.config.policy.new_state()
+                value = None
             self.gate.count()
             compute = forced or value is None or self.gate.wants_compute(value, ev.step)
             self.gate.record(value, compute)
@@ -164,22 +203,22 @@ class CacheRun:
             ev.decision = COMPUTED if compute else self.fill_action
             ev.forced_by = forced_by
             self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
-        if forced_by:
-            return True
-        if self.decision is None:  # the reference conditioning has not been seen in this evaluation
-            return True
-        if self.decision or not self._has_caches(keys, self.uuids):
-            return True
-        if self._prepare_fills(keys):
-            return False
-        self.guard_computes += 1
-        if self.ref_uuid in self.uuids:  # no safe fill: this evaluation computes after all
-            self.gate.overruled()
-            self.policy_state.decided(True)
-            self.decision = True
-            self.trace.evaluations[-1].decision = COMPUTED
-            self.consecutive_fills = 0
-        return True
+            if compute:
+                self.last_reference_compute = ev.index
+        compute = (bool(forced_by) or self.decision is None or self.decision
+                   or not self._has_caches(keys, self.uuids))
+        if not compute and not self._prepare_fills(keys):
+            self.guard_computes += 1  # no safe fill: this evaluation computes after all
+            compute = True
+            if self.ref_uuid in self.uuids:
+                self.gate.overruled()
+                self.policy_state.decided(True)
+                self.decision = True
+                self.consecutive_fills = 0
+                self.last_reference_compute = ev.index
+        if compute:
+            ev.decision = COMPUTED  # the report counts what ran: any call that computes computes the evaluation
+        return compute
 
     def _prepare_fills(self, keys) -> bool:
         """Forecast every value this call fills and check it: a non-finite forecast, or one whose norm leaves
@@ -248,7 +287,8 @@ class CacheRun:
 
     # -- caches --------------------------------------------------------------------------
     def _has_caches(self, keys, uuids) -> bool:
-        return all((k, u) in self.forecasters for k in keys for u in uuids)
+        """Every value a fill needs exists and is no older than the reference's latest compute."""
+        return all(self.updated_at.get((k, u), -2) >= self.last_reference_compute for k in keys for u in uuids)
 
     def store(self, key, values: torch.Tensor, grid: Optional[TokenGrid] = None) -> None:
         """Record a computed value (batched over the call's uuids) at the current sigma.
@@ -267,6 +307,7 @@ class CacheRun:
             before = forecaster.nbytes
             value = chunk(values, n, i)
             forecaster.update(self.sigma, value)
+            self.updated_at[(key, uuid)] = self.trace.evaluations[-1].index
             self.cache_bytes += forecaster.nbytes - before
             norm = value.detach().float().norm()
             low, high = self.norm_bands.get((key, uuid), (norm, norm))
@@ -274,12 +315,13 @@ class CacheRun:
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes)
         budget = self.config.memory_budget_mb * 2**20
         if budget and self.cache_bytes > budget:
-            self._note(f"cache memory {self.cache_bytes / 2**20:.1f} MiB exceeded the budget of "
-                       f"{self.config.memory_budget_mb} MiB: caching stopped for the rest of this run")
+            self._note(f"cache memory {format_bytes(self.cache_bytes)} exceeded the budget of "
+                       f"{format_bytes(budget)}: caching stopped for the rest of this run")
             self.over_budget = True
             self.forecasters.clear()
             self.norm_bands.clear()
             self.shared.clear()
+            self.updated_at.clear()
             self.cache_bytes = 0
 
     def fill(self, key, like: torch.Tensor) -> torch.Tensor:
@@ -291,6 +333,16 @@ class CacheRun:
         if self.ref_uuid not in self.uuids:
             return None
         return chunk(tensor, len(self.uuids), self.uuids.index(self.ref_uuid))
+
+    def stand_aside(self, reason: str) -> None:
+        """A model call ran uncached for another node (its blocks differ from the run's): count it, say why once."""
+        if self.trace.evaluations:
+            self.trace.evaluations[-1].aside += 1
+        self._note_once(reason)
+
+    def _note_once(self, message: str) -> None:
+        if message not in self.notes:
+            self._note(message)
 
     # -- report --------------------------------------------------------------------------
     def _note(self, message: str) -> None:
@@ -320,6 +372,7 @@ class CacheRun:
             "evaluations_filled": sum(d != COMPUTED for d in decisions),
             "evaluations_partial": sum(d == PARTIAL for d in decisions),
             "cells": self.trace.counts(),
+            "calls_stood_aside": sum(ev.aside for ev in self.trace.evaluations),
             "budget": self.gate.budget,
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
