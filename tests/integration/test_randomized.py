@@ -20,10 +20,12 @@ settings and the command that replays it.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 import random
+import shutil
 import time
 import traceback
 
@@ -234,6 +236,36 @@ def _failure_callback(run):
     return callback
 
 
+def _stored_calibrations(ctx) -> dict:
+    """The calibration files (MagCache) on disk now, by path."""
+    directory = ctx["calibrations"]
+    stored = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                stored[path] = f.read()
+    return stored
+
+
+@contextlib.contextmanager
+def _calibrations_as(ctx, stored: dict):
+    """Calibration files as in `stored` meanwhile: a fresh model is compared under the store its peer run saw."""
+    now = _stored_calibrations(ctx)
+
+    def write(files):
+        shutil.rmtree(ctx["calibrations"], ignore_errors=True)
+        for path, data in files.items():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+    write(stored)
+    try:
+        yield
+    finally:
+        write(now)
+
+
 def run_example(example, ctx) -> None:
     host, integration, models, logs, snapshots = ctx["host"], ctx["integration"], ctx["models"], ctx["logs"], \
         ctx["snapshots"]
@@ -251,6 +283,7 @@ def run_example(example, ctx) -> None:
         if not _schedule_is_finite(base, run):  # the host's own schedule is NaN (kl_optimal with 1 step)
             continue
         log.clear()
+        stored_before = _stored_calibrations(ctx)
         patched.evaluations = 0
         patched.run_tensors, patched.run_objects = [], []
         failed = None
@@ -287,7 +320,8 @@ def run_example(example, ctx) -> None:
             # the same config on a fresh clone (re-running the nodes could pick up state they saved, e.g. a
             # calibration recorded by the first run, which is a different config by design)
             fresh = integration.install(base, patched.setup.config, integration.CacheHandle())
-            again = sample(fresh, family, run, labels_path)
+            with _calibrations_as(ctx, stored_before):  # what the cached run found on disk (MagCache)
+                again = sample(fresh, family, run, labels_path)
             assert torch.equal(output, again), "the output depends on what ran before (fresh patched model differs)"
         fresh_needed = False
 
@@ -336,7 +370,8 @@ def test_random_sequences_of_runs_keep_every_invariant(host, models, product, ca
             sample(models[f][0], f, warm, models[f][1])
         snapshots = {f: snapshot(models[f][0]) for f in models}
         depth = {f: len(list(_blocks(models[f][0]))) for f in models}
-        ctx = {"host": host, "integration": integration, "models": models, "logs": logs, "snapshots": snapshots}
+        ctx = {"host": host, "integration": integration, "models": models, "logs": logs, "snapshots": snapshots,
+               "calibrations": product("nodes.calibration_store").calibration_directory()}
         tokens_supported = _tokens_supported(host, models["wan"][0])
         indices = _indices(only) if only else range(count)
         with capsys.disabled():
