@@ -203,7 +203,7 @@ def test_every_shipped_workflow_loads_in_the_frontend_and_converts_like_the_test
         frontend = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in prompt.items()}
         assert frontend == to_api(workflow, info), os.path.basename(path)
         if os.path.basename(path) == "flux_t2i_teacache_taylor.json":
-            ui.page.evaluate("app.canvas.ds.scale = 0.55; app.canvas.ds.offset = [40, 640]; "
+            ui.page.evaluate("app.canvas.ds.scale = 0.65; app.canvas.ds.offset = [10, 420]; "
                              "app.canvas.setDirty(true, true)")
             ui.page.wait_for_timeout(300)
             ui.screenshot("workflow_flux_loaded.png")
