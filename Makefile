@@ -8,7 +8,7 @@ COMFYUI_TAG := v0.3.64
 COMFYUI_REPO := https://github.com/comfyanonymous/ComfyUI.git
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast test-compat test-browser demo bench bench-peers coverage clean
+.PHONY: setup test test-fast test-compat test-reliability test-browser demo bench bench-peers coverage clean
 
 setup: $(STAMP) .comfyui_path
 
@@ -53,6 +53,10 @@ test-browser: setup
 
 test-fast: setup
 	$(PYTEST) tests/unit
+
+# Randomized reliability suite (also part of `make test`): FC_RELIABILITY_SEED / _EXAMPLES / _ONLY replay or widen it
+test-reliability: setup
+	$(PYTEST) tests/integration/test_randomized.py tests/integration/test_soak.py
 
 # The second compatibility target (ComfyUI v0.8): COMFYUI_PATH=$$HOME/ComfyUI-0.8 make test-compat
 test-compat: setup

@@ -9,6 +9,7 @@ Caches are kept per conditioning uuid and per key (a block segment or the whole 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -71,6 +72,15 @@ class CacheConfig:
         }
 
 
+def format_bytes(n: float) -> str:
+    """Human-readable size that stays informative for small caches (never "0.0 MiB")."""
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} GiB"
+
+
 def chunk(tensor: torch.Tensor, n: int, i: int) -> torch.Tensor:
     """The i-th of n equal batch chunks (one per conditioning uuid)."""
     size = tensor.shape[0] // n
@@ -111,34 +121,52 @@ class CacheRun:
         self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
         self.guarded_keys: set = set()
         self.shared: dict = {}  # key -> state its forecasters share across conditionings
+        self.updated_at: dict = {}  # (key, uuid) -> index of the evaluation that last stored it
         self.cache_bytes = 0
         self.ref_uuid = None
-        self.signature = None
+        self.signatures: dict = {}  # uuid -> (chunk shape, dtype, device) of its input
         self.decisions: dict = {}  # scope -> compute? in the current evaluation
         self.indicators: dict = {}
         self.consecutive_fills: dict = {}
+        self.last_reference_compute: dict = {}  # scope -> evaluation index of the reference's latest compute
         self.pending_verification = False  # a fresh draft of the current evaluation awaits `verify`
         self.uuids: list = []
+        self.seen: set = set()  # uuids called in the current evaluation
         self.cfg = CfgBranchCache(self.config.cfg_refresh) if self.config.cfg_refresh else None
         self.tokens = TokenState(self.config.tokens) if self.config.tokens is not None else None
 
     # -- calls and evaluations -------------------------------------------------------------
     def begin_call(self, uuids: list, sigma: float, sample: torch.Tensor) -> None:
-        """Start of one model call; detects a new evaluation and shape/dtype/device changes."""
+        """Start of one model call; detects a new evaluation and shape/dtype/device changes.
+
+        Each conditioning keeps its own caches at its own input shape (regional prompts run at
+        their area's size). A new evaluation starts when sigma changes or a conditioning is called
+        again; its first call elects the reference if the previous one is absent (a prompt that is
+        scheduled over only part of the range), and a new reference restarts the policy.
+        """
+        if len(set(uuids)) < len(uuids):  # one key per chunk, never one cache for two chunks
+            uuids = [(u, uuids[:i].count(u)) for i, u in enumerate(uuids)]
         signature = (tuple(chunk(sample, len(uuids), 0).shape), sample.dtype, sample.device)
-        if self.signature is not None and signature != self.signature:
-            self._note(f"input changed from {self.signature} to {signature}: caches reset")
-            self._reset_state()
-        self.signature = signature
-        if self.ref_uuid is None:
-            self.ref_uuid = uuids[0]
+        for uuid in uuids:
+            previous = self.signatures.get(uuid)
+            if previous is not None and previous != signature:
+                self._note(f"input changed from {previous} to {signature}: caches reset")
+                self._drop_caches(uuid)
+                if uuid == self.ref_uuid:
+                    self.policy_states = {}
+            self.signatures[uuid] = signature
         current = self.trace.evaluations[-1] if self.trace.evaluations else None
-        ref_decided_again = self.ref_uuid in uuids and bool(self.decisions)
-        if current is None or sigma != current.sigma or ref_decided_again:
+        if current is None or sigma != current.sigma or self.seen.intersection(uuids):
             self.trace.begin(sigma, self._step_of(sigma))
             self.decisions = {}
             self.pending_verification = False
             self.guarded_keys = set()  # keys whose fills this evaluation fall back to reuse
+            self.seen = set()
+            if self.ref_uuid not in uuids:
+                if self.ref_uuid is not None:
+                    self.policy_states = {}
+                self.ref_uuid = uuids[0]
+        self.seen.update(uuids)
         self.uuids = list(uuids)
         self.prepared = {}
 
@@ -147,6 +175,12 @@ class CacheRun:
         positive branch alone on its filled steps, so the decisions must come from it)."""
         if self.ref_uuid is None:
             self.ref_uuid = uuid
+
+    def _drop_caches(self, uuid) -> None:
+        for key in [k for k in self.forecasters if k[1] == uuid]:
+            self.cache_bytes -= self.forecasters.pop(key).nbytes
+            self.updated_at.pop(key, None)
+            self.norm_bands.pop(key, None)
 
     @property
     def sigma(self) -> float:
@@ -194,13 +228,18 @@ class CacheRun:
         residuals entering skipped blocks); the evaluation is computed and its trace entry says why."""
         policy = self.config.policy
         scope = scope if policy.per_segment else None
+        ev = self.trace.evaluations[-1]
         if scope not in self.decisions and self.ref_uuid in self.uuids:
-            ev = self.trace.evaluations[-1]
             kind = policy.indicator
             value_in = None if kind == NO_INDICATOR else self._progress() if kind == PROGRESS else indicator(kind)
-            forced = bool(forced_by) or self._forced(scope) or not self._has_caches(keys, [self.ref_uuid])
+            forced = bool(forced_by) or self._forced(scope) or not self._has_caches(keys, self.uuids, scope)
             state, gate = self._state(scope), self._gate(scope)
             value = state.measure(ev.sigma, value_in)
+            if value is not None and not math.isfinite(value):  # e.g. a rate over a vanishing change
+                self._note_once(f"the {policy.method} indicator was not finite: that evaluation was "
+                                "computed and the policy restarted")
+                self.policy_states.pop(scope)
+                state, value = self._state(scope), None
             gate.count()
             compute = forced or value is None or gate.wants_compute(value, ev.step)
             gate.record(value, compute)
@@ -212,24 +251,24 @@ class CacheRun:
             ev.forced_by = ev.forced_by or forced_by
             self._record(scope, compute)
             self.pending_verification = policy.verifies and not compute
-        if forced_by:
-            return True
         decision = self.decisions.get(scope)
-        if decision is None:  # the reference conditioning has not been seen in this evaluation
-            return True
-        if decision or not self._has_caches(keys, self.uuids):
-            return True
-        if self._prepare_fills(keys):
-            return False
-        self.guard_computes += 1
-        if self.ref_uuid in self.uuids:  # no safe fill: this decision computes after all
-            self._overrule(scope)
-        return True
+        compute = (bool(forced_by) or decision is None or decision
+                   or not self._has_caches(keys, self.uuids, scope))
+        if not compute and not self._prepare_fills(keys):
+            self.guard_computes += 1  # no safe fill: this decision computes after all
+            compute = True
+            if self.ref_uuid in self.uuids:
+                self._overrule(scope)
+        if compute and scope is None:
+            ev.decision = COMPUTED  # the report counts what ran: any call that computes computes the evaluation
+        return compute
 
     def _record(self, scope, compute: bool) -> None:
         ev = self.trace.evaluations[-1]
         ev.decision = COMPUTED if all(self.decisions.values()) else self.fill_action
         self.consecutive_fills[scope] = 0 if compute else self.consecutive_fills.get(scope, 0) + 1
+        if compute:
+            self.last_reference_compute[scope] = ev.index
 
     def _overrule(self, scope) -> None:
         """A fill decision that turned into a compute (no safe fill, a rejected draft)."""
@@ -319,7 +358,7 @@ class CacheRun:
         if message not in self.notes:
             self._note(message)
 
-    def cfg_filled(self, share: float) -> None:
+    def ran_for(self, share: float) -> None:
         """The current evaluation ran the model for this share of its batch (the CFG-branch cache filled the rest)."""
         self.trace.evaluations[-1].share = share
 
@@ -331,8 +370,11 @@ class CacheRun:
         self.trace.mark(row, action, fraction)
 
     # -- caches --------------------------------------------------------------------------
-    def _has_caches(self, keys, uuids) -> bool:
-        return all((k, u) in self.forecasters for k in keys for u in uuids)
+    def _has_caches(self, keys, uuids, scope=None) -> bool:
+        """Every value a fill needs exists and is no older than the reference's latest compute (of its segment,
+        for a per-segment decision)."""
+        latest = self.last_reference_compute.get(scope, -1)
+        return all(self.updated_at.get((k, u), -2) >= latest for k in keys for u in uuids)
 
     def store(self, key, values: torch.Tensor, grid: Optional[TokenGrid] = None) -> None:
         """Record a computed value (batched over the call's uuids) at the current sigma.
@@ -351,6 +393,7 @@ class CacheRun:
             before = forecaster.nbytes
             value = chunk(values, n, i)
             forecaster.update(self.sigma, value)
+            self.updated_at[(key, uuid)] = self.trace.evaluations[-1].index
             self.cache_bytes += forecaster.nbytes - before
             norm = value.detach().float().norm()
             low, high = self.norm_bands.get((key, uuid), (norm, norm))
@@ -358,12 +401,13 @@ class CacheRun:
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes)
         budget = self.config.memory_budget_mb * 2**20
         if budget and self.cache_bytes > budget:
-            self._note(f"cache memory {self.cache_bytes / 2**20:.1f} MiB exceeded the budget of "
-                       f"{self.config.memory_budget_mb} MiB: caching stopped for the rest of this run")
+            self._note(f"cache memory {format_bytes(self.cache_bytes)} exceeded the budget of "
+                       f"{format_bytes(budget)}: caching stopped for the rest of this run")
             self.over_budget = True
             self.forecasters.clear()
             self.norm_bands.clear()
             self.shared.clear()
+            self.updated_at.clear()
             self.cache_bytes = 0
 
     def fill(self, key, like: torch.Tensor) -> torch.Tensor:
@@ -375,6 +419,16 @@ class CacheRun:
         if self.ref_uuid not in self.uuids:
             return None
         return chunk(tensor, len(self.uuids), self.uuids.index(self.ref_uuid))
+
+    def stand_aside(self, reason: str) -> None:
+        """A model call ran uncached for another node (its blocks differ from the run's): count it, say why once."""
+        if self.trace.evaluations:
+            self.trace.evaluations[-1].aside += 1
+        self._note_once(reason)
+
+    def _note_once(self, message: str) -> None:
+        if message not in self.notes:
+            self._note(message)
 
     # -- report --------------------------------------------------------------------------
     def _note(self, message: str) -> None:
@@ -405,8 +459,9 @@ class CacheRun:
             "evaluations_filled": sum(d != COMPUTED for d in decisions),
             "evaluations_partial": sum(d == PARTIAL for d in decisions),
             "evaluations_rejected": sum(REJECTED in ev.actions for ev in self.trace.evaluations),
-            "evaluations_cfg_filled": sum(ev.share < 1.0 for ev in self.trace.evaluations),
+            "evaluations_partial_batch": sum(ev.share < 1.0 for ev in self.trace.evaluations),
             "cells": self.trace.counts(),
+            "calls_stood_aside": sum(ev.aside for ev in self.trace.evaluations),
             "budget": self.gate.budget,
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),

@@ -284,8 +284,9 @@ class _TransformationRateState(PolicyState):
         if indicator is None:
             return
         if self.output_at_compute is not None and self.pending_input_change:
-            output_change = float((output - self.output_at_compute).abs().mean())
-            self.rate = output_change / self.pending_input_change
+            rate = float((output - self.output_at_compute).abs().mean()) / self.pending_input_change
+            if math.isfinite(rate):  # an input that barely moved (a solver revisiting a sigma) gives no rate
+                self.rate = rate
         self.input_at_compute = indicator.detach().clone()
         self.output_at_compute = output.detach().clone()
 

@@ -24,6 +24,7 @@ class Evaluation:
     forced_by: Optional[str] = None  # why this evaluation had to be computed, when not the policy's choice
     share: float = 1.0  # the part of the batch the model ran for (CFG-branch cache: the positive branch only)
     fractions: dict = field(default_factory=dict)  # row -> fraction of its work a partial cell did
+    aside: int = 0  # model calls of another node's pass that ran uncached, apart from the cache
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Trace:
         return cls(list(data["rows"]), [
             Evaluation(e["index"], e["sigma"], e["step"], list(e["actions"]), e.get("indicator"),
                        e.get("decision", COMPUTED), e.get("forced_by"), e.get("share", 1.0),
-                       {int(r): f for r, f in e.get("fractions", {}).items()})
+                       {int(r): f for r, f in e.get("fractions", {}).items()}, e.get("aside", 0))
             for e in data["evaluations"]])
 
     def to_dict(self) -> dict:
@@ -78,7 +79,7 @@ class Trace:
             "evaluations": [
                 {"index": ev.index, "sigma": ev.sigma, "step": ev.step, "decision": ev.decision,
                  "indicator": ev.indicator, "actions": list(ev.actions), "forced_by": ev.forced_by, "share": ev.share,
-                 "fractions": dict(ev.fractions)}
+                 "fractions": dict(ev.fractions), "aside": ev.aside}
                 for ev in self.evaluations
             ],
         }

@@ -16,11 +16,13 @@ import dataclasses
 import inspect
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy_execution.utils
 import torch
 
 from ..cache_core import BlockRunner, CacheConfig, CacheRun, COMPUTED, MagCache, TokenGrid
@@ -58,12 +60,29 @@ class CacheHandle:
     def __init__(self, node_id: Optional[str] = None):
         self.node_id = node_id
         self.last: Optional[dict] = None  # the report of the latest finished run
+        self.last_prompt: Optional[str] = None  # the prompt that ran it (None outside a prompt)
+        self._last_output = None  # weak reference to that run's output latent
 
     def __deepcopy__(self, memo):
         return self  # ModelPatcher.clone() deep-copies model_options; reports must reach the one handle
 
-    def publish(self, report: dict) -> None:
+    def publish(self, report: dict, output=None) -> None:
         self.last = report
+        self.last_prompt = current_prompt_id()
+        self._last_output = weakref.ref(output) if isinstance(output, torch.Tensor) else None
+
+    def report_for(self, samples: Optional[torch.Tensor]) -> Optional[dict]:
+        """The latest report if it belongs to this prompt or produced `samples` (a sampler output the host cached)."""
+        if self.last is None:
+            return None
+        produced = self._last_output is not None and self._last_output() is samples
+        same_prompt = self.last_prompt is None or self.last_prompt == current_prompt_id()
+        return self.last if produced or same_prompt else None
+
+
+def current_prompt_id() -> Optional[str]:
+    context = comfy_execution.utils.get_executing_context()
+    return None if context is None else context.prompt_id
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,10 @@ class CacheSetup:
 
 def install(model, config: CacheConfig, handle: CacheHandle):
     """Return a clone of `model` (a ModelPatcher) that samples with feature caching."""
+    if SETUP_KEY in model.model_options.get("transformer_options", {}):
+        raise ValueError(
+            "this model already comes from an Apply Feature Cache node; two caches on one model would fill each "
+            "other's computations. Connect the model from before the first Apply Feature Cache, or remove one of them")
     adapter, layout = None, ()
     if config.site.uses_blocks:
         adapter = adapter_for(model.model.diffusion_model)
@@ -134,14 +157,16 @@ def _outer_sample(executor, *args, **kwargs):
     run = CacheRun(config, setup.rows, sigmas.tolist(), active)
     run.notes.extend(notes)
     options = comfy.model_patcher.create_model_options_clone(original_options)
-    options["transformer_options"][RUN_KEY] = _RunContext(run, setup, guider.model_patcher.model.diffusion_model)
+    context = _RunContext(run, setup, guider.model_patcher.model.diffusion_model, options["transformer_options"])
+    options["transformer_options"][RUN_KEY] = context
     guider.model_options = options
     stream = progress.start(run, setup.handle.node_id)
     args = list(args)
     args[5] = progress.with_progress(args[5], stream)  # the step callback
     started = time.perf_counter()
+    output = None
     try:
-        result = executor(*args, **kwargs)
+        result = output = executor(*args, **kwargs)
         if isinstance(policy, MagCache) and policy.calibrating:  # only a finished run is a calibration
             run.notes.append(save_calibration(calibration, run.policy_state.recorded))
         return result
@@ -151,7 +176,7 @@ def _outer_sample(executor, *args, **kwargs):
             run.notes.append(f"the {setup.adapter.family} model never called its block hooks in ComfyUI "
                              f"{host_version()} (host drift?): nothing was cached")
         report = {**run.report(), "elapsed_s": time.perf_counter() - started}
-        setup.handle.publish(report)
+        setup.handle.publish(report, output)
         stream.finish(report, len(sigmas) - 1)
         log.info("FeatureCache %s: computed %d/%d evaluations, compute fraction %.3f (ideal speedup %.2fx), "
                  "peak cache %.1f MiB", report["method"], report["evaluations_computed"], report["evaluations"],
@@ -161,14 +186,17 @@ def _outer_sample(executor, *args, **kwargs):
 class _RunContext:
     """The per-run objects reachable from transformer_options during one sampling run."""
 
-    def __init__(self, run: CacheRun, setup: CacheSetup, diffusion_model):
+    def __init__(self, run: CacheRun, setup: CacheSetup, diffusion_model, transformer_options: dict):
         self.run = run
         self.setup = setup
         self.diffusion_model = diffusion_model
+        self.replace_patches = _replace_patches(transformer_options)
+        self._checked = (None, False)
         self.blocks = None
         self.branch = None
         self.saw_control = False
         self.call_has_control = False
+        self.saw_references = False
         self.latent_shape: Optional[tuple] = None  # of the model call in progress (block sites)
         self.patch = setup.adapter.patch_of(diffusion_model) if setup.adapter is not None else ()
         if setup.adapter is not None and setup.adapter.hook == SKIP_BRANCH:
@@ -178,6 +206,31 @@ class _RunContext:
             self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
                                       self._modulated_input if adapter.modulated_input else None, self._token_grid,
                                       adapter.token_layouts() if setup.config.tokens is not None else None)
+            replaced = [f"{kind} {i}" for kind, count in setup.layout for i in range(count)
+                        if adapter.hook == REPLACE
+                        and not isinstance(self.replace_patches.get("dit", {}).get((kind, i)), BlockPatch)]
+            if replaced:
+                run.stand_aside(f"another node replaced blocks after Apply Feature Cache ({_first(replaced)}): "
+                                "this run is not cached; apply the feature cache after that node")
+                self.blocks = None
+
+    def foreign(self, transformer_options: dict) -> bool:
+        """True for a call whose block patches differ from the run's own: another node's pass
+        (Skip Layer Guidance, layer skipping, PAG-like) that must neither use nor feed the caches.
+        It runs uncached and the trace counts it."""
+        current = transformer_options.get("patches_replace") or {}
+        if current is self._checked[0]:  # the blocks of one call share one dict
+            return self._checked[1]
+        foreign = current != self.replace_patches
+        self._checked = (current, foreign)
+        if not foreign:
+            return False
+        changed = [f"{name} {key}" for name in set(current) | set(self.replace_patches)
+                   for key in set(current.get(name, {})) | set(self.replace_patches.get(name, {}))
+                   if current.get(name, {}).get(key) is not self.replace_patches.get(name, {}).get(key)]
+        self.run.stand_aside(f"model calls that replace other blocks ({_first(changed)}; another node's guidance "
+                             "pass, e.g. Skip Layer Guidance) ran uncached, apart from the cache")
+        return True
 
     def _token_grid(self, kind, stream):
         return self.setup.adapter.token_grid(kind, stream, self.latent_shape, self.patch)
@@ -209,6 +262,22 @@ class _RunContext:
         return self  # one run, one state, even if an extension deep-copies transformer_options
 
 
+def _replace_patches(transformer_options: dict) -> dict:
+    return {name: dict(patches) for name, patches in (transformer_options.get("patches_replace") or {}).items()}
+
+
+def _first(names: list, n: int = 4) -> str:
+    names = sorted(str(name) for name in names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _conditionings(transformer_options) -> list:
+    """One key per batch chunk. The host gives the negative's copy of a regional prompt (its area on the
+    negative) the prompt's own uuid, so cond_or_uncond tells the two apart."""
+    uuids = transformer_options["uuids"]
+    return list(zip(uuids, transformer_options.get("cond_or_uncond") or [0] * len(uuids)))
+
+
 def _current_sigma(transformer_options) -> float:
     return float(transformer_options["sigmas"].flatten()[0])
 
@@ -216,10 +285,10 @@ def _current_sigma(transformer_options) -> float:
 def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
     """Whole-model site: caches the sampler's derivative eps = (x - denoised) / sigma, any architecture."""
     context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
-    if context is None or bool((t == 0).any()):
+    if context is None or bool((t == 0).any()) or context.foreign(transformer_options):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     run = context.run
-    run.begin_call(transformer_options["uuids"], float(t.flatten()[0]), x)
+    run.begin_call(_conditionings(transformer_options), float(t.flatten()[0]), x)
     scale = t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
     if run.decide(["model"], lambda _kind: run.reference_chunk(x)):
         denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -245,7 +314,7 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, **kw
     if not conds[1]:
         run.cfg_without_negative()
         return executor(model, conds, x_in, timestep, model_options, **kwargs)
-    run.prefer_reference(conds[0][0]["uuid"])
+    run.prefer_reference((conds[0][0]["uuid"], 0))  # the positive branch's key, as _conditionings makes it
     sigma = timestep.reshape(-1, *([1] * (x_in.ndim - 1))).to(x_in.dtype)
     if run.cfg.wants_both(x_in, sigma):
         out = executor(model, conds, x_in, timestep, model_options, **kwargs)
@@ -253,9 +322,13 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, **kw
             run.cfg.refreshed(out[0], out[1], sigma)
         return out
     out = executor(model, [conds[0], None], x_in, timestep, model_options, **kwargs)
+    total = len(conds[0]) + len(conds[1])
     if not run.evaluation_computed():  # the feature cache fills this step: its fill of the negative branch is as cheap
-        return [out[0], executor(model, [None, conds[1]], x_in, timestep, model_options, **kwargs)[1]]
-    run.cfg_filled(len(conds[0]) / (len(conds[0]) + len(conds[1])))
+        negative = executor(model, [None, conds[1]], x_in, timestep, model_options, **kwargs)[1]
+        if run.evaluation_computed():  # the negative's cache predates the positive's last compute: it ran alone
+            run.ran_for(len(conds[1]) / total)
+        return [out[0], negative]
+    run.ran_for(len(conds[0]) / total)
     return [out[0], run.cfg.fill(out[0], sigma)]
 
 
@@ -273,7 +346,14 @@ def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, t
             "ControlNet residuals entered the blocks: they are added after each block, outside the cached "
             "residuals, so filled steps add the current step's control (caching stays on)")
     token = _CALL_OPTIONS.set(transformer_options)
-    previous_shape, context.latent_shape = context.latent_shape, tuple(x.shape)  # the blocks' image-token grid
+    # the blocks' image-token grid; reference latents (Kontext, edit models) add tokens after the image tokens,
+    # so no grid is claimed for those calls rather than a wrong one
+    references = kwargs.get("ref_latents") is not None
+    if references and not context.saw_references:
+        context.saw_references = True
+        context.run.notes.append("reference latents follow the image tokens: no image-token grid for these calls "
+                                 "(frequency forecasts treat every row as high band)")
+    previous_shape, context.latent_shape = context.latent_shape, None if references else tuple(x.shape)
     routed = []
     try:
         if context.setup.adapter.hook == FORWARD:
@@ -292,9 +372,9 @@ def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, t
 
 def _run_through_engine(kind: str, index: int, args: dict, run_block, transformer_options):
     context: Optional[_RunContext] = (transformer_options or {}).get(RUN_KEY)
-    if context is None or context.blocks is None:
+    if context is None or context.blocks is None or context.foreign(transformer_options):
         return run_block(args)
-    return context.blocks(kind, index, args, run_block, transformer_options["uuids"],
+    return context.blocks(kind, index, args, run_block, _conditionings(transformer_options),
                           _current_sigma(transformer_options))
 
 
@@ -353,7 +433,7 @@ class _BranchLayer:
         branch = self.context.branch
         if self.enter:
             options = _CALL_OPTIONS.get()
-            branch.enter(x, options["uuids"], _current_sigma(options),
+            branch.enter(x, _conditionings(options), _current_sigma(options),
                          forced_by="ControlNet" if self.context.call_has_control else None)
         if not branch.compute:
             return branch.filled_exit(x) if self.exit else branch.placeholder(x)

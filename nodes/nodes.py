@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -13,7 +14,7 @@ import folder_paths
 
 from ..cache_core import (DEFAULT_METHOD, FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES,
                           RECOMMENDED_FORECASTER, RECOMMENDED_PROBE_BLOCKS, RECOMMENDED_SITE, SITE_KINDS,
-                          TOKEN_SELECTIONS, CacheConfig, ForecasterConfig, Site, TokenConfig, make_policy)
+                          TOKEN_SELECTIONS, CacheConfig, CacheRun, ForecasterConfig, Site, TokenConfig, make_policy)
 from .adapters import HostDrift
 from .figure import render_figure
 from .integration import SETUP_KEY, CacheHandle, install
@@ -285,10 +286,9 @@ class CacheMapNode(io.ComfyNode):
         setup = model.model_options.get("transformer_options", {}).get(SETUP_KEY)
         if setup is None:
             raise ValueError("Cache Map: this model has no feature cache; connect the output of Apply Feature Cache.")
-        report = setup.handle.last
+        report = setup.handle.report_for(samples["samples"])
         if report is None:
-            raise ValueError("Cache Map: no sampling run has used this cache yet; connect the sampler that uses the "
-                             "cached model to 'samples'.")
+            report = _no_run_report(setup)
         pixels = render_figure(report, cell_size)
         image = torch.from_numpy(pixels.astype(np.float32) / 255.0).unsqueeze(0)
         text = json.dumps(report, indent=1)
@@ -302,6 +302,17 @@ class CacheMapNode(io.ComfyNode):
         ui = {"text": (json.dumps(summary, indent=1),), "feature_cache_report": (report,),
               "feature_cache_map": (compact(report),)}  # the widget's state, also after a page reload
         return io.NodeOutput(image, text, ui=ui)
+
+
+def _no_run_report(setup) -> dict:
+    """An empty map that says why: never a previous prompt's report, never a wrong instruction."""
+    note = ("no sampling run of this prompt used this cached model: the sampler connected to 'samples' sampled "
+            "nothing (denoise 0, or start step at or after its end step) or samples another model (connect this "
+            "Apply Feature Cache's MODEL output to the sampler's model input)")
+    logging.getLogger("FeatureCache").warning("Cache Map: %s", note)
+    report = CacheRun(setup.config, setup.rows, []).report()
+    report["notes"].append(note)
+    return report
 
 
 NODES = [CachePolicyNode, CacheForecasterNode, CacheTokenRatioNode, ApplyFeatureCacheNode, CacheMapNode]

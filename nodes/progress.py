@@ -80,7 +80,7 @@ def compact(report: dict) -> dict:
 
 def _header(rows: list, description: dict) -> dict:
     return {"rows": list(rows), "legend": legend(), "not_run_color": NOT_RUN_COLOR,
-            **{key: description.get(key) for key in ("method", "threshold", "forecaster", "site")}}
+            **{key: description.get(key) for key in ("method", "threshold", "budget", "forecaster", "site")}}
 
 
 def _server():

@@ -271,7 +271,9 @@ class CacheMapView {
       `sigma ${fmt(sigma, 4)}`,
       `block ${rowName(state, r)}`,
       `action ${action}`,
-      `indicator ${fmt(indicator)} · threshold ${fmt(state.header?.threshold)}`
+      `indicator ${fmt(indicator)} · ` + (state.header?.threshold === null && state.header?.budget !== undefined
+        && state.header?.budget !== null ? `compute budget ${fmt(state.header.budget)}`
+        : `threshold ${fmt(state.header?.threshold)}`)
         + (state.header?.method ? ` (${state.header.method})` : ""),
     ];
     if (decision) lines.push(`evaluation decision ${decision}`);

@@ -15,8 +15,8 @@ Measures (design note 5):
   the FLOPs outside the blocks (embeddings, head), which every evaluation still runs at a block site.
 - wallclock_speedup: median sampler time of interleaved uncached runs / of the cached runs, in one
   process, apart from the FLOP-counted runs. The sampler time comes from the host's progress hook,
-  which the sampler calls after every step: it excludes graph validation, model loading and decoding, which caching does not
-  change. The first step ends before the first call; it is computed by every method, and is
+  which the sampler calls after every step: it excludes graph validation, model loading and decoding,
+  which caching does not change. The first step ends before the first call; it is computed by every method, and is
   counted at the uncached per-step time. efficiency = wallclock_speedup / ideal_speedup.
 - psnr / ssim of the decoded output (latent_psnr of the final latent), mean over the samples;
   identical outputs count as PSNR_CAP dB. cache_bytes: the peak bytes our caches held.

@@ -16,7 +16,7 @@ import tempfile
 
 from safetensors import safe_open
 
-from benchmarks import fixtures, graphs
+from benchmarks import fixtures, graphs, ui_workflow
 from benchmarks.host import REPO_ROOT
 
 MODELS_DIR = os.path.join(REPO_ROOT, "benchmarks", "models")
@@ -205,14 +205,19 @@ def slice_case(host, quick: bool) -> Case:
 
 
 def workflow_case(host, path: str, schedule: Schedule | None = None) -> Case:
-    """Any API-format workflow holding one ApplyFeatureCache, run as it is (its own prompt; seed and
-    sampler as given unless overridden). The bundled models' folder is registered, so the workflows
-    in workflows/ that load the tiny models run as they are."""
+    """Any workflow holding one ApplyFeatureCache, API format or the UI format the frontend saves
+    (converted as the frontend queues it), run as it is (its own prompt; seed and sampler as given
+    unless overridden). The bundled models' folder is registered, so the workflows in workflows/
+    that load the tiny models run as they are."""
     with open(path) as f:
-        workflow = graphs.resolve_paths(json.load(f), REPO_ROOT)
+        workflow = json.load(f)
+    if "nodes" in workflow and "links" in workflow:
+        workflow = ui_workflow.to_api(workflow, ui_workflow.object_info(host.node_classes))
+    workflow = graphs.resolve_paths(workflow, REPO_ROOT)
     applies = [nid for nid, node in workflow.items() if node.get("class_type") == "ApplyFeatureCache"]
     if len(applies) != 1:
-        raise ValueError(f"{path}: a workflow to benchmark needs exactly one ApplyFeatureCache node, found {len(applies)}")
+        raise ValueError(f"{path}: a workflow to benchmark needs exactly one ApplyFeatureCache node, "
+                         f"found {len(applies)}")
     host.add_model_dir(MODELS_DIR)
     schedule = schedule or Schedule()
     runs = schedule.apply_to_workflow(workflow)

@@ -24,7 +24,8 @@ REPO_ROOT = host_module.REPO_ROOT
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few steps, one sample, one setting per method")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, few steps, one sample, one setting per method")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "out", "bench"))
     parser.add_argument("--cases", nargs="+",
                         help="default: all (wan-image wan-image-dpm wan-image-unipc wan-video flux-image slice)")
@@ -65,8 +66,9 @@ def parse_args(argv):
 
 
 def schedule_of(args) -> frontier_cases.Schedule:
-    return frontier_cases.Schedule(args.sampler, args.scheduler, args.steps, args.cfg,
-                                   tuple(args.labels) if args.labels else None, tuple(args.seeds) if args.seeds else None)
+    as_tuple = lambda values: tuple(values) if values else None
+    return frontier_cases.Schedule(args.sampler, args.scheduler, args.steps, args.cfg, as_tuple(args.labels),
+                                   as_tuple(args.seeds))
 
 
 def select_cases(host, args) -> tuple[list, dict]:

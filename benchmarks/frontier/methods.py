@@ -204,7 +204,8 @@ def node_method(host, name: str, class_type: str, params: list, family: str, cas
     cls = host.node_classes[class_type]
     accepted = names.node_inputs(host, class_type)
     if accepted.get("model", (None,))[0] != "MODEL" or "MODEL" not in list(cls.RETURN_TYPES):
-        raise ValueError(f"{name} is not a MODEL -> MODEL node (inputs {list(accepted)}, outputs {list(cls.RETURN_TYPES)})")
+        raise ValueError(f"{name} is not a MODEL -> MODEL node (inputs {list(accepted)}, "
+                         f"outputs {list(cls.RETURN_TYPES)})")
     required = cls.INPUT_TYPES().get("required", {})
     inputs = {k: v for k, v in names.node_defaults(host, class_type).items() if k != "model"}
     mine = [p for p in params if p.node in (None, class_type)]

@@ -67,7 +67,8 @@ PEERS = (
         PeerNode("ApplyFBCacheOnModel", "ApplyFBCacheOnModel", "residual_diff_threshold",
                  {"wan": (0.03, 0.06, 0.12, 0.24), "flux": (0.03, 0.06, 0.12, 0.24)}),)),
     Peer("jiajianxie/ComfyUI-AccelDiff", "06bc7973074e15c21f1a1a1368583040cc1b2429", (
-        PeerNode("AccelDiffUnified", "AccelDiff[TaylorSeer]", "fresh_threshold", {"wan": (3, 4, 5, 6), "flux": (3, 4, 5, 6)},
+        PeerNode("AccelDiffUnified", "AccelDiff[TaylorSeer]", "fresh_threshold",
+                 {"wan": (3, 4, 5, 6), "flux": (3, 4, 5, 6)},
                  {"model_method": "TaylorSeer"}, {"wan": {"taylorseer_model_type": "wan2.1"},
                                                    "flux": {"taylorseer_model_type": "flux"}}),
         PeerNode("AccelDiffUnified", "AccelDiff[HiCache]", "hicache_fresh_threshold",
@@ -98,7 +99,8 @@ def _params(node: PeerNode, case_ids, quick: bool) -> list:
             continue
         values = node.values[family]
         values = values[len(values) // 2:][:1] if quick else values
-        params += [Param(node.node, key, case_id, [str(value)]) for key, value in node.family_inputs.get(family, {}).items()]
+        params += [Param(node.node, key, case_id, [str(value)])
+                   for key, value in node.family_inputs.get(family, {}).items()]
         params.append(Param(node.node, node.threshold, case_id, [str(v) for v in values]))
     return params
 

@@ -30,7 +30,8 @@ def best_psnr(records: list, level: float):
 def _best_cell(record) -> str:
     if record is None:
         return "—"
-    return f"{record['psnr']:.1f} dB {record['method']} ({setting_text(record['setting'])}, {record['ideal_speedup']:.2f}×)"
+    setting = setting_text(record["setting"])
+    return f"{record['psnr']:.1f} dB {record['method']} ({setting}, {record['ideal_speedup']:.2f}×)"
 
 
 def versus_table(records: list) -> str:
@@ -59,11 +60,12 @@ def _cases_in_order(records):
 
 
 def frontier_table(records: list) -> str:
-    """Per case: the best PSNR each method reaches at or above 2x, 3x, 5x ideal speedup."""
+    """Per case: the best PSNR each method reaches at or above each of SPEEDUP_LEVELS (ideal speedup)."""
     lines = []
     for model, case in _cases_in_order(records):
         rows = [r for r in records if (r["model"], r["case"]) == (model, case)]
-        lines += [f"### {model}: {case}", "", "| method | " + " | ".join(f"best PSNR ≥{x:g}×" for x in SPEEDUP_LEVELS)
+        levels = " | ".join(f"best PSNR ≥{x:g}×" for x in SPEEDUP_LEVELS)
+        lines += [f"### {model}: {case}", "", f"| method | {levels}"
                   + " | max ideal speedup |", "|---|" + "---:|" * (len(SPEEDUP_LEVELS) + 1)]
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]
@@ -96,12 +98,14 @@ def failures_section(records: list) -> list:
 
 def records_table(records: list) -> str:
     lines = ["| model | case | method | setting | compute fraction | report fraction | ideal × | wall-clock × | "
-             "efficiency | PSNR dB | SSIM | latent PSNR | cache KiB | status |", "|---|---|---|---|" + "---:|" * 9 + "---|"]
+             "efficiency | PSNR dB | SSIM | latent PSNR | cache KiB | status |",
+             "|---|---|---|---|" + "---:|" * 9 + "---|"]
     for r in records:
         status = r["status"] if r["status"] == "ok" else f"failed: {error_summary(r['error'])}"
         kib = None if r["cache_bytes"] is None else r["cache_bytes"] / 1024
         lines.append(f"| {r['model']} | {r['case']} | {r['method']} | {setting_text(r['setting'])} | "
-                     f"{_fmt(r['compute_fraction'], '.3f')} | {_fmt(r['report_fraction'], '.3f')} | {_fmt(r['ideal_speedup'])} | {_fmt(r['wallclock_speedup'])} | "
+                     f"{_fmt(r['compute_fraction'], '.3f')} | {_fmt(r['report_fraction'], '.3f')} | "
+                     f"{_fmt(r['ideal_speedup'])} | {_fmt(r['wallclock_speedup'])} | "
                      f"{_fmt(r['efficiency'])} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.4f')} | "
                      f"{_fmt(r['latent_psnr'], '.2f')} | {_fmt(kib, '.1f')} | {status.replace('|', '/')} |")
     return "\n".join(lines)
@@ -116,8 +120,10 @@ def write_markdown(path: str, records: list, speed_records: list, context: dict)
               for pack, commit in context.get("peers", {}).items()]
     lines += ["", f"PSNR/SSIM: decoded output vs the uncached output of the same graph and seed, mean over the "
               f"samples; {PSNR_CAP:g} dB = identical. Ideal speedup = 1 / compute fraction; wall-clock = median "
-              "sampler time of interleaved uncached / cached runs (see benchmarks/frontier/__init__.py). Tiny models on a "
-              "shared CPU: wall-clock numbers are indicative; the slice below is the speed measurement.", "",
+              "sampler time of interleaved uncached / cached runs (see benchmarks/frontier/__init__.py). "
+              "Tiny models on a shared CPU: wall-clock numbers are indicative; the slice below is the speed "
+              "measurement. Compute fraction = the diffusion model's FLOPs in the cached run / the uncached run; "
+              "report fraction (ours) = computed block cells / all cells.", "",
               "## Best PSNR at or above an ideal speedup", "", frontier_table(records)]
     versus = versus_table(records)
     if versus:

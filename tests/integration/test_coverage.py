@@ -26,7 +26,7 @@ def test_declared_image_token_grids_match_what_the_blocks_see(host, product):
     for name, family in coverage.FAMILIES.items():
         if not coverage.host_has(family) or "U-Net" in name or name == "Cosmos 1":
             continue
-        if name == "Flux Kontext":  # known limit: reference tokens follow the image tokens (reported, not fixed)
+        if name == "Flux Kontext":  # reference tokens follow the image tokens: no grid is claimed (test below)
             continue
         model = coverage.build(family)
         adapter = adapters.adapter_for(model.model.diffusion_model)
@@ -60,3 +60,18 @@ def test_declared_image_token_grids_match_what_the_blocks_see(host, product):
                 assert rows > grid.tokens if text_first else rows == grid.tokens, (name, kind.name, rows, grid)
         checked.append(name)
     assert "Flux" in checked and "PixArt" in checked and len(checked) >= 10, checked
+
+
+def test_reference_latents_claim_no_image_token_grid(host, product):
+    """Kontext's streams are cat(img, ref): a grid over the last rows would pick the reference tokens."""
+    family = coverage.FAMILIES["Flux Kontext"]
+    if not coverage.host_has(family):
+        return
+    integration, core = product("nodes.integration"), product("cache_core")
+    config = core.CacheConfig(policy=core.make_policy(method="fixed", threshold=2.0, warmup_steps=0),
+                              forecaster=core.ForecasterConfig(kind="freqca"),
+                              site=core.Site(kind="span", probe_blocks=1))
+    handle = integration.CacheHandle()
+    latent = coverage.sample(integration.install(coverage.build(family), config, handle), family)
+    assert bool(latent.isfinite().all())
+    assert any("reference latents" in note for note in handle.last["notes"]), handle.last["notes"]

@@ -29,7 +29,7 @@ def test_a_reused_evaluation_on_identical_input_equals_the_computed_one(family, 
     setup = patched.model_options["transformer_options"][integration.SETUP_KEY]
     dm = base.model.diffusion_model
     run = core.CacheRun(config, setup.rows, [1.0, 0.5, 0.0])
-    context = integration._RunContext(run, setup, dm)
+    context = integration._RunContext(run, setup, dm, patched.model_options["transformer_options"])
     x, t, cond, extra = _inputs(family, labels_path, shape)
     outputs = []
     for sigma in (1.0, 0.5):  # two evaluations, identical model input; the second one is filled

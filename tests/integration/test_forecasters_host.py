@@ -7,7 +7,7 @@ import torch
 from benchmarks.graphs import GRAPHS, with_cache
 
 STEPS = 8
-FIXED = {"method": "fixed", "speed": 0.6}  # interval 4: evaluations 0 and 4 computed
+FIXED = {"method": "fixed", "threshold": 4.0}  # interval 4: evaluations 0 and 4 computed
 KINDS = ["reuse", "taylor", "hicache", "ab", "foca", "spectrum", "freqca", "hyca"]
 # (family, site) per run: every kind at the model site on Wan and at the blocks site on Flux
 # (whose single blocks see cat(txt, img)); freqca also on Wan's span.
@@ -48,7 +48,7 @@ def test_every_forecaster_kind_samples_through_the_host(kind, family, site, path
 def test_heunpp2_with_a_second_order_taylor_gives_a_finite_image(family, paths, run_graph):
     """heunpp2 returns to a sigma it used two evaluations earlier; the divided difference divided by zero (all NaN)."""
     graph = with_cache(GRAPHS[family](paths, steps=8, sampler_name="heunpp2"),
-                       policy={"method": "easycache", "speed": 1.0}, apply={"site": "model"},
+                       policy={"method": "easycache", "threshold": 0.1}, apply={"site": "model"},
                        forecaster={"method": "taylor", "order": 2})
     latent, report = run_graph(graph)
     assert torch.isfinite(latent).all()

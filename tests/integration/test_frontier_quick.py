@@ -65,7 +65,8 @@ def test_quick_run(host, tmp_path):
     for record in records:
         assert set(FIELDS) <= set(record), record
     ok = [r for r in records if r["status"] == "ok"]
-    assert {r["case"] for r in ok} >= {"image, euler/simple 6", "image, dpmpp_2m/karras 5", "image, uni_pc/beta 6, cfg 4"}
+    assert {r["case"] for r in ok} >= {"image, euler/simple 6", "image, dpmpp_2m/karras 5",
+                                       "image, uni_pc/beta 6, cfg 4"}
     for method in frontier.DEFAULT_METHODS:
         assert any(r["method"] == method for r in ok), method
     for r in ok:
@@ -146,8 +147,8 @@ def test_flop_fraction_agrees_with_the_report(host, paths, run_graph):
 
 def test_workflow_sweep(host, paths, tmp_path):
     """Any API workflow with Apply Feature Cache: fidelity from its saved images, report added."""
-    graph = graphs.with_cache(graphs.wan_graph(paths, size=64, steps=6, cfg=3.0), forecaster=dict(method="taylor", order=1),
-                              cache_map=False)
+    graph = graphs.with_cache(graphs.wan_graph(paths, size=64, steps=6, cfg=3.0),
+                              forecaster=dict(method="taylor", order=1), cache_map=False)
     del graph["capture"]
     graph["preview"] = {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}}
     workflow = tmp_path / "workflow.json"
@@ -164,9 +165,10 @@ def test_workflow_sweep(host, paths, tmp_path):
 
 
 def test_bundled_demo_workflow(host, tmp_path):
-    """workflows/api/demo.json loads the bundled tiny Wan by name; sampler flags and seeds apply to it."""
+    """workflows/demo.json (UI format, converted as the frontend queues it) loads the bundled tiny Wan by
+    name; sampler flags and seeds apply to it."""
     out = str(tmp_path / "bench")
-    assert frontier.main(["--quick", "--out", out, "--workflow", os.path.join(REPO_ROOT, "workflows", "api", "demo.json"),
+    assert frontier.main(["--quick", "--out", out, "--workflow", os.path.join(REPO_ROOT, "workflows", "demo.json"),
                           "--steps", "4", "--seeds", "3", "4", "--methods", "fixed+reuse@model"]) == 0
     (record,) = load(out)
     assert record["status"] == "ok", record["error"]
@@ -182,8 +184,9 @@ def test_any_wan_checkpoint_on_any_schedule(host, paths, tmp_path):
                           "--sampler", "uni_pc", "--scheduler", "beta", "--steps", "4", "--cfg", "4",
                           "--labels", "2", "--seeds", "5"]) == 0
     records = load(out)
+    model = os.path.basename(paths["wan"])
     assert [(r["model"], r["method"], r["status"]) for r in records] == [
-        (os.path.basename(paths["wan"]), "fixed+taylor2@blocks", "ok"), (os.path.basename(paths["wan"]), "comfy:LazyCache", "ok")]
+        (model, "fixed+taylor2@blocks", "ok"), (model, "comfy:LazyCache", "ok")]
     assert {r["case"] for r in records} == {"video 2 latent frames, uni_pc/beta 4, cfg 4"}
 
 

@@ -147,10 +147,10 @@ def test_cfg_filled_evaluations_count_half_in_the_compute_fraction():
         run.decide(["model"], lambda _k: None)
         run.mark(0, COMPUTED)
         if i:
-            run.cfg_filled(0.5)
+            run.ran_for(0.5)
     report = run.report()
     assert report["compute_fraction"] == pytest.approx(0.75)
-    assert report["evaluations_cfg_filled"] == 1
+    assert report["evaluations_partial_batch"] == 1
 
 
 @pytest.mark.parametrize("make, match", [
