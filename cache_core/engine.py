@@ -442,8 +442,8 @@ class CacheRun:
         if budget is not None and abs(feature_fraction - budget) > BUDGET_TOLERANCE and not self._budget_noted:
             self._budget_noted = True
             self._note(f"compute fraction {feature_fraction:.3f} missed the budget {budget:.3f}: forced computes "
-                       "(warmup, retention, start/end, max consecutive, policy needing data) or the always-computed probe/"
-                       "corrector blocks set a floor above it, or the run's evaluations differed from the schedule's")
+                       "(warmup, retention, start/end, max consecutive, policy needing data) or the always-computed "
+                       "probe/corrector blocks set a floor above it, or the run's evaluations differed from the schedule's")
         decisions = [ev.decision for ev in self.trace.evaluations]
         notes = list(self.notes)
         if self.guarded_fills:

@@ -49,7 +49,8 @@ def test_blocks_run_exactly_what_the_trace_says(family, method, site, paths, run
         worked = sum(e["actions"][g] in WORK for e in evaluations)
         assert rows.get(g, 0) == 2 * worked, (g, rows.get(g), worked)  # cond and uncond per evaluation
     cells = sum(len(e["actions"]) for e in evaluations)
-    assert report["compute_fraction"] == pytest.approx(sum(a in WORK for e in evaluations for a in e["actions"]) / cells)
+    worked = sum(a in WORK for e in evaluations for a in e["actions"])
+    assert report["compute_fraction"] == pytest.approx(worked / cells)
     assert report["compute_fraction"] < 1.0
     if method != "speca":  # per-block decisions: some evaluation computes some cached blocks and fills others
         assert any("computed" in e["actions"][1:] and e["decision"] != "computed" for e in evaluations)
@@ -74,7 +75,8 @@ def test_cfg_branch_cache_leaves_feature_cache_fills_to_the_feature_cache(paths,
     """Only computed evaluations are CFG-filled or refresh the difference: a filled step fills both branches,
     except that a negative branch whose cache predates the positive's last compute (a CFG-filled step) runs
     alone, at half the batch."""
-    graph = with_cache(GRAPHS["wan"](paths, steps=STEPS), policy={"method": "fixed", "threshold": 2.0, "warmup_steps": 0},
+    policy = {"method": "fixed", "threshold": 2.0, "warmup_steps": 0}
+    graph = with_cache(GRAPHS["wan"](paths, steps=STEPS), policy=policy,
                        apply={"site": "model", "cfg_cache": True, "cfg_refresh": 3})
     latent, report = run_graph(graph)
     evaluations = report["trace"]["evaluations"]
