@@ -256,6 +256,8 @@ class CacheRun:
             ev.decision = PARTIAL
         reference = self.uuids.index(self.ref_uuid) if self.ref_uuid in self.uuids else -1
         index = self.tokens.select(features, self.uuids, ev.index, compute, partial, reference)
+        while self.tokens.notes:
+            self._note(self.tokens.notes.pop(0))
         self.account_tokens()
         return index
 
