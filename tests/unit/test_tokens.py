@@ -106,11 +106,11 @@ def test_cluster_propagation_with_gamma_zero_is_reuse_and_with_gamma_moves_the_c
 
 def test_gamma_zero_changes_no_filled_row():
     state = TokenState(TokenConfig(selection="cluster", clusters=2, gamma=0.0))
-    state.labels = torch.tensor([0, 0, 1, 1])
+    state.labels = {4: torch.tensor([0, 0, 1, 1])}
     fill, index = torch.randn(1, 4, 3), torch.tensor([0, 2])
     assert state.update("k", ["c"], fill, index, torch.randn(1, 2, 3)) is None
     state = TokenState(TokenConfig(selection="cluster", clusters=2, gamma=0.5))
-    state.labels = torch.tensor([0, 0, 1, 1])
+    state.labels = {4: torch.tensor([0, 0, 1, 1])}
     fresh = torch.randn(1, 2, 3)
     change = state.update("k", ["c"], fill, index, fresh)
     assert torch.allclose(change[:, 1], 0.5 * (fresh[:, 0] - fill[:, 0]))  # half its cluster's update
