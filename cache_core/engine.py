@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from .forecasters import ForecasterConfig
+from .forecasters.history import Storage
 from .grid import TokenGrid, grid_for
 from .policies import NO_INDICATOR, PROBE_INDICATORS, FixedInterval, Policy
 from .sites import Site
@@ -25,6 +26,7 @@ BUDGET_TOLERANCE = 0.05
 # A fill's forecast must have a norm within [min / GUARD_BAND, max * GUARD_BAND] of the norms of the
 # values computed for it so far; outside (or not finite) it is an overshoot and reuse replaces it.
 GUARD_BAND = 2.0
+CACHE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class CacheConfig:
     tokens: Optional[TokenConfig] = None
     offload_to_cpu: bool = False
     memory_budget_mb: float = 0.0  # 0: unlimited
+    cache_dtype: str = "auto"  # values' storage dtype (differences and sums stay float32); auto: the model's
 
     def __post_init__(self):
         if self.policy.indicator in PROBE_INDICATORS and self.site.probe_blocks < 1:
@@ -42,6 +45,8 @@ class CacheConfig:
                 f"the '{self.policy.method}' policy reads the always-computed probe blocks, which the "
                 f"'{self.site.kind}' site with probe_blocks {self.site.probe_blocks} does not have: on Apply Feature "
                 "Cache set site to 'span' or 'blocks' with probe_blocks >= 1")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"unknown cache_dtype '{self.cache_dtype}'; available: {', '.join(CACHE_DTYPES)}")
         if self.memory_budget_mb < 0:
             raise ValueError("memory_budget_mb must be >= 0 (0 means unlimited)")
         if self.tokens is not None and not self.site.uses_blocks:
@@ -86,6 +91,9 @@ class CacheRun:
         self.peak_bytes = 0
         self.over_budget = False
         self._budget_noted = False
+        self.orders_lowered = 0  # by the memory budget, for every forecaster of the run
+        self.offloaded = config.offload_to_cpu
+        self.offload_pending = False  # asynchronous GPU -> pinned CPU copies not yet waited for
         self.guarded_fills = 0
         self.guard_computes = 0
         self._reset_state()
@@ -225,6 +233,7 @@ class CacheRun:
         the band of the computed values' norms, makes its key fill with the last computed value for every
         conditioning of the evaluation (cond and uncond filled alike, so CFG does not amplify a difference).
         False when some value has no safe fill (its last computed value is not finite either)."""
+        self._wait_for_offload()
         self.prepared = {(k, u): self.forecasters[(k, u)].predict(self.policy_state.fill_time(u, self.sigma))
                          for k in keys for u in self.uuids}
         checks = []
@@ -297,12 +306,15 @@ class CacheRun:
         if self.over_budget:
             return
         n = len(self.uuids)
+        storage = Storage(torch.device("cpu") if self.offloaded else None, CACHE_DTYPES[self.config.cache_dtype])
+        self.offload_pending |= storage.offloads and values.is_cuda
         for i, uuid in enumerate(self.uuids):
             forecaster = self.forecasters.get((key, uuid))
             if forecaster is None:
-                store_device = torch.device("cpu") if self.config.offload_to_cpu else None
-                forecaster = self.config.forecaster.new_state(store_device, grid_for(chunk(values, n, i), grid),
+                forecaster = self.config.forecaster.new_state(storage, grid_for(chunk(values, n, i), grid),
                                                               self.shared.setdefault(key, {}))
+                for _ in range(self.orders_lowered):
+                    forecaster.lower_order()
                 self.forecasters[(key, uuid)] = forecaster
             before = forecaster.nbytes
             value = chunk(values, n, i)
@@ -315,14 +327,37 @@ class CacheRun:
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes)
         budget = self.config.memory_budget_mb * 2**20
         if budget and self.cache_bytes > budget:
-            self._note(f"cache memory {format_bytes(self.cache_bytes)} exceeded the budget of "
-                       f"{format_bytes(budget)}: caching stopped for the rest of this run")
+            self._meet_budget(budget, values.is_cuda)
+
+    def _meet_budget(self, budget: float, on_gpu: bool) -> None:
+        """Over the memory budget: lower the forecaster order, then offload to CPU memory (from a GPU), then stop."""
+        used = self.cache_bytes
+        while self.cache_bytes > budget and any([f.lower_order() for f in self.forecasters.values()]):
+            self.orders_lowered += 1
+            self.cache_bytes = sum(f.nbytes for f in self.forecasters.values())
+        if self.cache_bytes <= budget:
+            self._note(f"cache memory {format_bytes(used)} exceeded the budget of {format_bytes(budget)}: forecaster "
+                       f"order lowered by {self.orders_lowered} ({format_bytes(self.cache_bytes)})")
+            return
+        if on_gpu and not self.offloaded:
+            self._note(f"cache memory {format_bytes(used)} exceeded the budget of {format_bytes(budget)} on the GPU: "
+                       "caches moved to CPU memory (they restart at the next computed evaluation)")
+            self.offloaded = True
+        else:
+            self._note(f"cache memory {format_bytes(used)} exceeded the budget of {format_bytes(budget)}: "
+                       "caching stopped for the rest of this run")
             self.over_budget = True
-            self.forecasters.clear()
-            self.norm_bands.clear()
-            self.shared.clear()
-            self.updated_at.clear()
-            self.cache_bytes = 0
+        self.forecasters.clear()
+        self.norm_bands.clear()
+        self.shared.clear()
+        self.updated_at.clear()
+        self.cache_bytes = 0
+
+    def _wait_for_offload(self) -> None:
+        """One wait for this evaluation's asynchronous copies to pinned memory, before the CPU reads them."""
+        if self.offload_pending:
+            torch.cuda.synchronize()
+            self.offload_pending = False
 
     def fill(self, key, like: torch.Tensor) -> torch.Tensor:
         """The checked forecast of `key` at the current sigma for every uuid of the call, batched like `like`."""
@@ -377,6 +412,9 @@ class CacheRun:
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
             "peak_cache_bytes": self.peak_bytes,
+            "cache_dtype": self.config.cache_dtype,
+            "orders_lowered": self.orders_lowered,
+            "offloaded": self.offloaded,
             "guarded_fills": self.guarded_fills,
             "notes": notes,
             "trace": self.trace.to_dict(),

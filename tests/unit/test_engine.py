@@ -222,6 +222,30 @@ def test_memory_budget_stops_caching_and_says_so():
     assert "budget" in run.report()["notes"][0]
 
 
+def test_memory_budget_lowers_the_forecaster_order_before_it_stops_caching():
+    # span site, 2 uuids: 144 values each; taylor order 2 holds 12 bytes per value (fp32 model), order 1 holds 8
+    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span"),
+                         forecaster=ForecasterConfig("taylor", 2), memory_budget_mb=2500 / 2**20)
+    _, run, _ = sample(config)
+    report = run.report()
+    assert report["orders_lowered"] == 1 and not run.over_budget
+    assert 2500 < run.peak_bytes <= 288 * 12 and run.cache_bytes == 288 * 8
+    assert any(ev.decision == FORECAST for ev in run.trace.evaluations)
+    assert "order lowered by 1" in report["notes"][0]
+
+
+@pytest.mark.parametrize("cache_dtype, value_bytes", [("auto", 4), ("fp32", 4), ("bf16", 2), ("fp16", 2)])
+def test_cache_dtype_stores_values_in_it_and_differences_in_float32(cache_dtype, value_bytes):
+    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span"),
+                         forecaster=ForecasterConfig("taylor", 1), cache_dtype=cache_dtype)
+    outs, run, _ = sample(config)
+    assert run.peak_bytes == 288 * (value_bytes + 4)
+    reference, _, _ = sample(CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span"),
+                                         forecaster=ForecasterConfig("taylor", 1)))
+    for a, b in zip(outs, reference):
+        assert torch.allclose(a, b, rtol=0.02, atol=0.02)
+
+
 def test_cpu_offload_keeps_results():
     base, _, _ = sample(CacheConfig(policy=FixedInterval(interval=2), site=Site("span")))
     offload, run, _ = sample(CacheConfig(policy=FixedInterval(interval=2), site=Site("span"), offload_to_cpu=True))
