@@ -6,8 +6,10 @@ Caches are kept per conditioning uuid and per key (a block segment or the whole 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -96,6 +98,8 @@ class CacheRun:
         self.offload_pending = False  # asynchronous GPU -> pinned CPU copies not yet waited for
         self.guarded_fills = 0
         self.guard_computes = 0
+        self.overhead_s: dict = {}  # evaluation index -> wall seconds spent in our code (not in the model)
+        self._model_s = 0.0
         self._reset_state()
 
     @property
@@ -379,6 +383,31 @@ class CacheRun:
         if message not in self.notes:
             self._note(message)
 
+    # -- overhead ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def timed(self):
+        """Around an entry point of our code in a model call: its wall time, less `model_call`s, is overhead."""
+        started, self._model_s = time.perf_counter(), 0.0
+        try:
+            yield
+        finally:
+            if self.trace.evaluations:
+                index = self.trace.evaluations[-1].index
+                self.overhead_s[index] = self.overhead_s.get(index, 0.0) + time.perf_counter() - started - self._model_s
+
+    def model_call(self, function: Callable, *args, **kwargs):
+        """Run the model's own work (a block, the whole model) inside `timed`, excluded from the overhead."""
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self._model_s += time.perf_counter() - started
+
+    def _overhead_ms(self, filled: bool) -> Optional[float]:
+        chosen = [self.overhead_s.get(ev.index, 0.0) for ev in self.trace.evaluations
+                  if (ev.decision != COMPUTED) == filled]
+        return 1000.0 * sum(chosen) / len(chosen) if chosen else None
+
     # -- report --------------------------------------------------------------------------
     def _note(self, message: str) -> None:
         log.warning("FeatureCache: %s", message)
@@ -416,6 +445,8 @@ class CacheRun:
             "orders_lowered": self.orders_lowered,
             "offloaded": self.offloaded,
             "guarded_fills": self.guarded_fills,
+            "overhead_ms_per_cached_step": self._overhead_ms(filled=True),
+            "overhead_ms_per_computed_step": self._overhead_ms(filled=False),
             "notes": notes,
             "trace": self.trace.to_dict(),
         }

@@ -284,19 +284,20 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
     if context is None or bool((t == 0).any()) or context.foreign(transformer_options):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     run = context.run
-    run.begin_call(_conditionings(transformer_options), float(t.flatten()[0]), x)
-    scale = t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-    if run.decide(["model"], lambda _kind: run.reference_chunk(x)):
-        denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        eps = (x - denoised) / scale
-        run.store("model", eps, TokenGrid(tuple(x.shape[2:]), channels_first=True) if x.ndim > 2 else None)
-        reference = run.reference_chunk(eps)
-        if reference is not None:
-            run.computed(reference, reference)
-        run.mark(0, COMPUTED)
-        return denoised
-    run.mark(0, run.fill_action)
-    return x - scale * run.fill("model", x)
+    with run.timed():
+        run.begin_call(_conditionings(transformer_options), float(t.flatten()[0]), x)
+        scale = t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        if run.decide(["model"], lambda _kind: run.reference_chunk(x)):
+            denoised = run.model_call(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            eps = (x - denoised) / scale
+            run.store("model", eps, TokenGrid(tuple(x.shape[2:]), channels_first=True) if x.ndim > 2 else None)
+            reference = run.reference_chunk(eps)
+            if reference is not None:
+                run.computed(reference, reference)
+            run.mark(0, COMPUTED)
+            return denoised
+        run.mark(0, run.fill_action)
+        return x - scale * run.fill("model", x)
 
 
 def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):

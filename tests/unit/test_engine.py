@@ -357,3 +357,34 @@ def test_a_plausible_forecast_passes_the_guard_unchanged():
     assert not run.decide(["model"], lambda kind: None)
     assert torch.allclose(run.fill("model", torch.zeros(2, 3)), torch.full((2, 3), 3.0))
     assert run.report()["guarded_fills"] == 0
+
+
+def test_overhead_counts_our_code_and_excludes_the_model(monkeypatch):
+    """A fake clock: each reading advances it 1 ms, each block call 10 s. Model time must not leak into the
+    overhead, and every evaluation records some."""
+    import cache_core.engine as engine
+
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1e-3
+        return clock[0]
+
+    monkeypatch.setattr(engine.time, "perf_counter", perf_counter)
+    model = TinyDiT()
+    block = model._block
+
+    def slow_block(kind, i, sigma):
+        run = block(kind, i, sigma)
+
+        def timed(args):
+            clock[0] += 10.0
+            return run(args)
+        return timed
+
+    model._block = slow_block
+    _, run, _ = sample(CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span")), model=model)
+    report = run.report()
+    assert 0 < report["overhead_ms_per_cached_step"] < 500
+    assert 0 < report["overhead_ms_per_computed_step"] < 500
+    assert set(run.overhead_s) == {ev.index for ev in run.trace.evaluations}
