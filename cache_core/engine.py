@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from .forecasters import ForecasterConfig
-from .forecasters.history import Storage
+from .forecasters.history import Storage, predict_all
 from .grid import TokenGrid, grid_for
 from .policies import NO_INDICATOR, PROBE_INDICATORS, FixedInterval, Policy
 from .sites import Site
@@ -238,14 +238,13 @@ class CacheRun:
         conditioning of the evaluation (cond and uncond filled alike, so CFG does not amplify a difference).
         False when some value has no safe fill (its last computed value is not finite either)."""
         self._wait_for_offload()
-        self.prepared = {(k, u): self.forecasters[(k, u)].predict(self.policy_state.fill_time(u, self.sigma))
-                         for k in keys for u in self.uuids}
-        checks = []
-        for slot, forecast in self.prepared.items():
-            norm = forecast.float().norm()
-            low, high = (bound.to(norm.device) for bound in self.norm_bands[slot])  # caches may be offloaded
-            checks.append(torch.isfinite(norm) & (norm <= GUARD_BAND * high) & (norm >= low / GUARD_BAND))
-        unsafe = {slot[0] for slot, safe in zip(list(self.prepared), torch.stack(checks).tolist()) if not safe}
+        slots = [(k, u) for k in keys for u in self.uuids]
+        times = [self.policy_state.fill_time(u, self.sigma) for _, u in slots]
+        self.prepared = dict(zip(slots, predict_all([self.forecasters[slot] for slot in slots], times)))
+        norms = torch.stack([n.float() for n in torch._foreach_norm(list(self.prepared.values()), 2)])
+        bands = torch.stack([torch.stack(self.norm_bands[slot]).float() for slot in slots]).to(norms.device)
+        checks = torch.isfinite(norms) & (norms <= GUARD_BAND * bands[:, 1]) & (norms >= bands[:, 0] / GUARD_BAND)
+        unsafe = {slot[0] for slot, safe in zip(slots, checks.tolist()) if not safe}  # one synchronisation
         self.guarded_keys |= unsafe
         for slot in self.prepared:
             if slot[0] not in self.guarded_keys:

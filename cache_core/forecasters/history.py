@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.forecast import work_dtype
+from ..kernels.forecast import combine_all, work_dtype
 
 RELATIVE_TIME_TOLERANCE = 1e-4
 
@@ -85,6 +85,11 @@ class Forecaster:
     def nbytes(self) -> int:
         raise NotImplementedError
 
+    def fused_terms(self, t: float) -> Optional[tuple]:
+        """(terms, weights, dtype) when the forecast at t is sum_j weights[j] * terms[j] returned in dtype (then
+        `predict_all` evaluates it fused with the others), else None."""
+        return None
+
     def lower_order(self) -> bool:
         """Forecast from one history entry less, freeing its memory (the memory budget's first step); False if
         the forecaster cannot."""
@@ -93,3 +98,20 @@ class Forecaster:
     def _require(self) -> None:
         if not self.ready:
             raise RuntimeError("forecast requested before any value was computed")
+
+
+def predict_all(forecasters: list, times: list) -> list:
+    """[f.predict(t) for f, t in zip(forecasters, times)], the weighted-sum forecasts evaluated in one fused pass."""
+    out: list = [None] * len(forecasters)
+    fused = {}
+    for i, (forecaster, t) in enumerate(zip(forecasters, times)):
+        terms = forecaster.fused_terms(t)
+        if terms is None:
+            out[i] = forecaster.predict(t)
+        else:
+            fused[i] = terms
+    if fused:
+        tables, weights, dtypes = zip(*fused.values())
+        for i, forecast in zip(fused, combine_all(list(tables), list(weights), list(dtypes))):
+            out[i] = forecast
+    return out

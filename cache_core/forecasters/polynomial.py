@@ -62,6 +62,10 @@ class TaylorForecaster(Forecaster):
         self._require()
         return combine(self.diffs, self.weights(t), device, self.dtype)
 
+    def fused_terms(self, t: float) -> Optional[tuple]:
+        self._require()
+        return self.diffs, self.weights(t), self.dtype
+
     def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()
         return self.diffs[0].to(device=device or self.diffs[0].device, dtype=self.dtype, copy=True)  # updated in place
@@ -152,6 +156,12 @@ class ValueHistory(Forecaster):
         if known is not None:  # a computed point: its value (no formula divides by t - t_i ~ 0)
             return self.values[known].to(device=device or self.values[known].device, copy=True)
         return combine(self.values, self.weights(t), device, self.values[0].dtype)
+
+    def fused_terms(self, t: float) -> Optional[tuple]:
+        self._require()
+        if repeated_index(self.times, t) is not None:  # a computed point: predict returns its value
+            return None
+        return self.values, self.weights(t), self.values[0].dtype
 
     def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()

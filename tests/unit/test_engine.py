@@ -321,10 +321,16 @@ def _two_uuid_run(forecaster=ForecasterConfig("taylor", 1), fill_call=("c", "u")
     return run
 
 
+def _force_forecast(forecaster, value: float) -> None:
+    """Make `forecaster` forecast a constant (through predict: no fused evaluation for it)."""
+    forecaster.predict = lambda t, device=None: torch.full((1, 3), value)
+    forecaster.fused_terms = lambda t: None
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 10.0, 0.01])
 def test_guard_replaces_a_non_finite_or_overshooting_forecast_by_the_last_computed_value(bad):
     run = _two_uuid_run()
-    run.forecasters[("model", "u")].predict = lambda t, device=None: torch.full((1, 3), bad)
+    _force_forecast(run.forecasters[("model", "u")], bad)
     assert not run.decide(["model"], lambda kind: None)
     filled = run.fill("model", torch.zeros(2, 3))
     # both conditionings reuse the value computed at 0.8 (c's line through (1, 1), (0.8, 2) would give 3):
@@ -336,7 +342,7 @@ def test_guard_replaces_a_non_finite_or_overshooting_forecast_by_the_last_comput
 
 def test_guard_keeps_the_fallback_for_the_later_calls_of_the_evaluation():
     run = _two_uuid_run(fill_call=("c",))  # cond and uncond in separate calls: c's forecast overshoots
-    run.forecasters[("model", "c")].predict = lambda t, device=None: torch.full((1, 3), 50.0)
+    _force_forecast(run.forecasters[("model", "c")], 50.0)
     assert not run.decide(["model"], lambda kind: None)
     assert torch.equal(run.fill("model", torch.zeros(1, 3)), torch.full((1, 3), 2.0))
     run.begin_call(["u"], 0.6, torch.zeros(1, 3))

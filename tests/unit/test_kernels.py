@@ -68,3 +68,21 @@ def test_taylor_updated_in_place_forecasts_as_one_built_from_its_last_points(dty
     for a, b in zip(long.diffs, fresh.diffs):
         assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5)
     assert torch.allclose(long.predict(0.3).float(), fresh.predict(0.3).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_predict_all_equals_each_forecasters_own_predict():
+    from cache_core import ForecasterConfig
+    from cache_core.forecasters.history import predict_all
+
+    g = torch.Generator().manual_seed(5)
+    configs = [ForecasterConfig("taylor", 2), ForecasterConfig("hicache"), ForecasterConfig("ab", 3),
+               ForecasterConfig("foca"), ForecasterConfig("spectrum"), ForecasterConfig("reuse")]
+    forecasters = [c.new_state() for c in configs]
+    for t in (1.0, 0.85, 0.7, 0.55):
+        for f in forecasters:
+            f.update(t, torch.randn(3, 4, generator=g).to(torch.bfloat16))
+    for target in (0.4, 0.55):  # 0.55: a computed point (AB/FoCa return its value)
+        together = predict_all(forecasters, [target] * len(forecasters))
+        for f, forecast in zip(forecasters, together):
+            alone = f.predict(target)
+            assert forecast.dtype == alone.dtype and torch.allclose(forecast.float(), alone.float(), atol=1e-6)
