@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import torch
-
 from ..grid import TokenGrid
 from .frequency import FrequencyForecaster
 from .history import Forecaster, Storage
@@ -91,7 +89,8 @@ class ForecasterConfig:
     def new_state(self, storage: Optional[Storage] = None, grid: Optional[TokenGrid] = None,
                   shared: Optional[dict] = None) -> Forecaster:
         """A fresh forecaster for one cached value of one conditioning; `grid` locates its image tokens (None:
-        unknown); `storage` where and in which dtype it keeps values (None: as computed); `shared` is one dict per cached value, common to its forecasters of every conditioning."""
+        unknown); `storage` where and in which dtype it keeps values (None: as computed); `shared` is one dict
+        per cached value, common to its forecasters of every conditioning."""
         kind = self.kind
         if kind in ("reuse", "taylor"):
             return TaylorForecaster(self.order, storage)

@@ -56,8 +56,8 @@ class SpectrumForecaster(Forecaster):
             for moment, p in zip(self.moments, phi):
                 moment.add_(work, alpha=float(p))
         else:  # offloaded: add on the value's device, keep the sums
-            self.moments = [self.storage.keep(moment.to(value.device).add_(work, alpha=float(p)), work.dtype, copy=False)
-                            for moment, p in zip(self.moments, phi)]
+            self.moments = [self.storage.keep(moment.to(value.device).add_(work, alpha=float(p)), work.dtype,
+                                              copy=False) for moment, p in zip(self.moments, phi)]
         self.newest = self.storage.keep(value)
         self.count += 1
 
