@@ -12,7 +12,8 @@ from .tokens import TOKEN_SELECTIONS, TokenConfig, TokenLayout
 from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace
 
 __all__ = [
-    "BlockRunner", "BudgetController", "budget_for_speed", "CACHE_DTYPES", "CacheConfig", "CacheRun", "FORECASTER_KINDS",
+    "BlockRunner", "BudgetController", "budget_for_speed", "CACHE_DTYPES", "CacheConfig", "CacheRun",
+    "FORECASTER_KINDS",
     "MAX_TAYLOR_ORDER", "ORDERS", "Forecaster", "ForecasterConfig", "TaylorForecaster", "TokenGrid", "POLICIES",
     "DiCache", "EasyCache", "FirstBlock", "FixedInterval", "MagCache", "Policy", "TeaCache", "DEFAULT_METHOD",
     "RECOMMENDED_FORECASTER", "RECOMMENDED_PROBE_BLOCKS", "RECOMMENDED_SITE", "make_policy", "SITE_KINDS", "Site",
