@@ -62,11 +62,11 @@ class FrequencyForecaster(Forecaster):
 
     def predict(self, t: float, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()
-        return self.low.to(device=device or self.low.device) + self.high.predict(t, device)
+        return self.low.to(device=device or self.low.device, dtype=self.high.dtype) + self.high.predict(t, device)
 
     def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()
-        return self.low.to(device=device or self.low.device) + self.high.latest(device)
+        return self.low.to(device=device or self.low.device, dtype=self.high.dtype) + self.high.latest(device)
 
     @property
     def nbytes(self) -> int:

@@ -140,6 +140,7 @@ class ValueHistory(Forecaster):
         repeated = repeated_index(self.times, t)
         if repeated is not None:
             del self.times[repeated], self.values[repeated]
+        self.dtype = value.dtype  # forecasts come back in it, whatever the storage dtype
         self.times = ([t] + self.times)[: self.capacity]
         self.values = ([self.storage.keep(value)] + self.values)[: self.capacity]
 
@@ -154,18 +155,18 @@ class ValueHistory(Forecaster):
         self._require()
         known = repeated_index(self.times, t)
         if known is not None:  # a computed point: its value (no formula divides by t - t_i ~ 0)
-            return self.values[known].to(device=device or self.values[known].device, copy=True)
-        return combine(self.values, self.weights(t), device, self.values[0].dtype)
+            return self.values[known].to(device=device or self.values[known].device, dtype=self.dtype, copy=True)
+        return combine(self.values, self.weights(t), device, self.dtype)
 
     def fused_terms(self, t: float) -> Optional[tuple]:
         self._require()
         if repeated_index(self.times, t) is not None:  # a computed point: predict returns its value
             return None
-        return self.values, self.weights(t), self.values[0].dtype
+        return self.values, self.weights(t), self.dtype
 
     def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()
-        return self.values[0].to(device=device or self.values[0].device, copy=True)
+        return self.values[0].to(device=device or self.values[0].device, dtype=self.dtype, copy=True)
 
     @property
     def nbytes(self) -> int:

@@ -59,6 +59,7 @@ class SpectrumForecaster(Forecaster):
             self.moments = [self.storage.keep(moment.to(value.device).add_(work, alpha=float(p)), work.dtype,
                                               copy=False) for moment, p in zip(self.moments, phi)]
         self.newest = self.storage.keep(value)
+        self.dtype = value.dtype  # forecasts come back in it, whatever the storage dtype
         self.count += 1
 
     @property
@@ -76,11 +77,11 @@ class SpectrumForecaster(Forecaster):
         out = self.moments[0] * 0.0
         for weight, moment in zip(self.weights(t), self.moments):
             out.add_(moment, alpha=float(weight))
-        return out.to(device=device or out.device, dtype=self.newest.dtype)
+        return out.to(device=device or out.device, dtype=self.dtype)
 
     def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()
-        return self.newest.to(device=device or self.newest.device, copy=True)
+        return self.newest.to(device=device or self.newest.device, dtype=self.dtype, copy=True)
 
     @property
     def nbytes(self) -> int:

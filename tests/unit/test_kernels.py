@@ -86,3 +86,16 @@ def test_predict_all_equals_each_forecasters_own_predict():
         for f, forecast in zip(forecasters, together):
             alone = f.predict(target)
             assert forecast.dtype == alone.dtype and torch.allclose(forecast.float(), alone.float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["reuse", "taylor", "hicache", "ab", "foca", "spectrum", "freqca", "hyca"])
+def test_forecasts_come_back_in_the_values_dtype_whatever_the_storage_dtype(kind):
+    from cache_core import ForecasterConfig, TokenGrid
+    from cache_core.forecasters.history import Storage
+
+    g = torch.Generator().manual_seed(7)
+    f = ForecasterConfig(kind).new_state(Storage(dtype=torch.float32), TokenGrid((2, 2)))
+    for t in (1.0, 0.85, 0.7, 0.55, 0.4):
+        f.update(t, torch.randn(1, 4, 8, generator=g).to(torch.bfloat16))
+    for target in (0.3, 0.4):
+        assert f.predict(target).dtype == torch.bfloat16 and f.latest().dtype == torch.bfloat16
