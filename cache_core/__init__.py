@@ -1,7 +1,7 @@
 """The feature-cache engine: pure torch, no ComfyUI import (tested on plain tensors)."""
 from .blocks import BlockRunner
 from .budget import BudgetController, budget_for_speed
-from .engine import CacheConfig, CacheRun
+from .engine import CACHE_DTYPES, CacheConfig, CacheRun
 from .forecasters import FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, Forecaster, ForecasterConfig, TaylorForecaster
 from .grid import TokenGrid
 from .policies import POLICIES, DiCache, EasyCache, FirstBlock, FixedInterval, MagCache, Policy, TeaCache
@@ -12,7 +12,8 @@ from .tokens import TOKEN_SELECTIONS, TokenConfig, TokenLayout
 from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace
 
 __all__ = [
-    "BlockRunner", "BudgetController", "budget_for_speed", "CacheConfig", "CacheRun", "FORECASTER_KINDS",
+    "BlockRunner", "BudgetController", "budget_for_speed", "CACHE_DTYPES", "CacheConfig", "CacheRun",
+    "FORECASTER_KINDS",
     "MAX_TAYLOR_ORDER", "ORDERS", "Forecaster", "ForecasterConfig", "TaylorForecaster", "TokenGrid", "POLICIES",
     "DiCache", "EasyCache", "FirstBlock", "FixedInterval", "MagCache", "Policy", "TeaCache", "DEFAULT_METHOD",
     "RECOMMENDED_FORECASTER", "RECOMMENDED_PROBE_BLOCKS", "RECOMMENDED_SITE", "make_policy", "SITE_KINDS", "Site",
