@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.forecast import combine_all, work_dtype
+from ..kernels.forecast import combine_all
 
 RELATIVE_TIME_TOLERANCE = 1e-4
 
