@@ -12,6 +12,8 @@ additions on top of the filled value and block skipping stays correct.
 A block that ends a stream (SD3's last block returns no text) passes that stream through.
 With token-level recompute, a partial segment also runs each of its blocks on a subset of the tokens
 (see tokens.py); `token_layouts` (per kind) says where the tokens are.
+A per-segment policy decides at each segment's first block; a verifying policy (SpeCa) runs the
+first cached block of a drafted evaluation for real and checks its draft before the rest is filled.
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ import torch
 
 from .engine import CacheRun
 from .grid import TokenGrid
-from .policies import INPUT, MODULATED_INPUT, PROBE_INDICATORS, PROBE_OUTPUT, PROBE_RESIDUAL
+from .policies import INPUT, MODULATED_INPUT, PROBE_INDICATORS, PROBE_OUTPUT, PROBE_RESIDUAL, Scope, relative_l1
 from .sites import CORRECTOR, PROBE, BlockPlan
 from .tokens import gather
-from .trace import COMPUTED, PARTIAL
+from .trace import COMPUTED, PARTIAL, REJECTED
 
 ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]
 TokenGridOf = Callable[[str, str], Optional[TokenGrid]]  # (block kind, stream) -> its image-token grid
@@ -67,7 +69,15 @@ class BlockRunner:
         self.modulated_input = modulated_input
         self.token_grid = token_grid
         self.token_layouts = token_layouts or {}
-        self.segment_keys = [(seg.key, s) for seg in plan.segments for s in streams[seg.kind]]
+        self.keys = [[(seg.key, s) for s in streams[seg.kind]] for seg in plan.segments]
+        self.scopes = [Scope(seg.key, n, len(plan.segments)) for n, seg in enumerate(plan.segments)]
+        first = plan.segments[0]
+        # The verified block's own residual: the first segment's when that is one block, else a key of its own.
+        own_key = first.key if first.first == first.last else f"{first.key} first block"
+        self.verify_keys = [(own_key, s) for s in streams[first.kind]]
+        self.segment_keys = [k for keys in self.keys for k in keys]
+        if run.config.policy.verifies:
+            self.segment_keys += [k for k in self.verify_keys if k not in self.segment_keys]
         self.call = _Call()
 
     def __call__(self, kind: str, index: int, args: dict, run_block: Callable[[dict], dict],
@@ -119,44 +129,84 @@ class BlockRunner:
 
     def _cached(self, kind, index, g, segment_number, args, run_block, streams):
         segment = self.plan.segments[segment_number]
-        if g == self.plan.decision_block:
+        policy = self.run.config.policy
+        first_decision = g == self.plan.decision_block
+        if first_decision or (policy.per_segment and index == segment.first):
             self.call.decision_input = args[streams[0]]
-            probed = self.run.config.policy.indicator in PROBE_INDICATORS and self.call.probe_out is not None
+            probed = first_decision and policy.indicator in PROBE_INDICATORS and self.call.probe_out is not None
             if probed:
                 self.run.observe_probe(self._probe_residual())
-            self.call.compute = self.run.decide(self.segment_keys, self._indicator)
+            keys, scope = ((self.keys[segment_number], self.scopes[segment_number]) if policy.per_segment
+                           else (self.segment_keys, None))
+            self.call.compute = self.run.decide(keys, self._indicator, scope)
             self.call.decision_input = None
             if probed and self.call.compute:
                 self.run.probe_computed()
-            if self.run.tokens is not None:
+            if first_decision and self.run.tokens is not None:
                 self.call.selection = self.run.token_selection(self.call.compute, self._tokens(kind, args))
+            if not self.call.compute and policy.verifies:
+                return self._verified(kind, segment, segment_number, index, g, args, run_block, streams)
         if not self.call.compute and self.call.selection is not None:
             return self._partial(kind, index, g, segment, args, run_block, streams)
         if not self.call.compute:
             self.run.mark(g, self.run.fill_action)
-            if index != segment.first:
-                return {s: args[s] for s in streams}
-            return {s: args[s] + self.run.fill((segment.key, s), args[s]) for s in streams}
+            return self._filled(segment, index, args, streams)
         if index == segment.first:
             self.call.segment_inputs = {s: args[s].clone() for s in streams}
         else:
             for s in streams:
                 self.call.segment_inputs[s] += args[s] - self.call.last_out[s]
-        out = run_block(args)
-        out = {**out, **{s: args[s] for s in streams if out.get(s) is None}}
+        out = self._run(run_block, args, streams)
         self.run.mark(g, COMPUTED)
+        return self._stored(kind, segment, segment_number, index, g, out, streams)
+
+    @staticmethod
+    def _run(run_block, args, streams):
+        out = run_block(args)
+        return {**out, **{s: args[s] for s in streams if out.get(s) is None}}  # a block that ends a stream
+
+    def _filled(self, segment, index, args, streams):
+        if index != segment.first:
+            return {s: args[s] for s in streams}
+        return {s: args[s] + self.run.fill((segment.key, s), args[s]) for s in streams}
+
+    def _stored(self, kind, segment, segment_number, index, g, out, streams):
+        """Cache what a computed block completes: the verified block's own residual, its segment's residual."""
+        grids = {s: self.token_grid(kind, s) if self.token_grid else None for s in streams}
+        if g == self.plan.decision_block and self.run.config.policy.verifies and index != segment.last:
+            for key, s in self.verify_keys:
+                self.run.store((key, s), out[s] - self.call.segment_inputs[s], grids[s])
         if index != segment.last:
             self.call.last_out = {s: out[s].clone() for s in streams}
         else:
             residuals = {s: out[s] - self.call.segment_inputs[s] for s in streams}
             for s in streams:
-                grid = self.token_grid(kind, s) if self.token_grid else None
-                self.run.store((segment.key, s), residuals[s], grid)
+                self.run.store((segment.key, s), residuals[s], grids[s])
             if segment_number == 0:
                 reference = self.run.reference_chunk(out[streams[0]])
                 if reference is not None:
                     self.run.computed(reference, self.run.reference_chunk(residuals[streams[0]]))
         return out
+
+    def _verified(self, kind, segment, segment_number, index, g, args, run_block, streams):
+        """SpeCa at the first cached block of a drafted evaluation: run it on its real input and compare its
+        draft (input + forecast residual) with the real output. A rejected draft makes this block the
+        start of a computed evaluation; an accepted one fills the segment (the block's real output
+        stands when it is the whole segment)."""
+        self.call.segment_inputs = {s: args[s].clone() for s in streams}
+        out = self._run(run_block, args, streams)
+        if self.run.pending_verification:
+            key, s = self.verify_keys[0]
+            real = self.run.reference_chunk(out[s])
+            draft = self.run.reference_chunk(self.call.segment_inputs[s] + self.run.fill((key, s), out[s]))
+            self.call.compute = not self.run.verify(relative_l1(draft, real))
+        if self.call.compute:
+            self.run.mark(g, REJECTED)
+            return self._stored(kind, segment, segment_number, index, g, out, streams)
+        self.run.mark(g, COMPUTED)  # the verification's work, whether or not its output is used
+        if index == segment.last:
+            return self._stored(kind, segment, segment_number, index, g, out, streams)
+        return self._filled(segment, index, self.call.segment_inputs, streams)
 
     # -- token-level partial recompute ------------------------------------------------------
     def _text_length(self, kind: str, args: dict) -> int:

@@ -2,6 +2,8 @@
 
 Decisions are taken once per model evaluation from one reference conditioning (the first uuid of
 the run), so cond and uncond batched together or run in separate calls take the same decisions.
+A per-segment policy takes one decision per cached segment instead, each with its own state and
+gate: the same path, keyed by the segment's scope (None for an evaluation-wide decision).
 Caches are kept per conditioning uuid and per key (a block segment or the whole model).
 """
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import Callable, Optional
 
 import torch
 
+from .cfg import CfgBranchCache
 from .forecasters import ForecasterConfig
 from .forecasters.history import Storage, predict_all
 from .grid import TokenGrid, grid_for
-from .policies import NO_INDICATOR, PROBE_INDICATORS, FixedInterval, Policy
+from .policies import NO_INDICATOR, PROBE_INDICATORS, PROGRESS, FixedInterval, Policy, Scope
 from .sites import Site
 from .tokens import TokenConfig, TokenState
-from .trace import COMPUTED, FORECAST, PARTIAL, REUSED, Trace
+from .trace import COMPUTED, FORECAST, PARTIAL, REJECTED, REUSED, Trace
 
 log = logging.getLogger("FeatureCache")
 BUDGET_TOLERANCE = 0.05
@@ -40,6 +43,7 @@ class CacheConfig:
     offload_to_cpu: bool = False
     memory_budget_mb: float = 0.0  # 0: unlimited
     cache_dtype: str = "auto"  # values' storage dtype (differences and sums stay float32); auto: the model's
+    cfg_refresh: int = 0  # CFG-branch cache: both branches computed every cfg_refresh evaluations; 0: off
 
     def __post_init__(self):
         if self.policy.indicator in PROBE_INDICATORS and self.site.probe_blocks < 1:
@@ -54,6 +58,13 @@ class CacheConfig:
         if self.tokens is not None and not self.site.uses_blocks:
             raise ValueError("token-level recompute (the tokens input) needs a block site: choose site 'span' or "
                              "'blocks', not 'model', or disconnect the tokens input")
+        policy = self.policy
+        if (policy.per_segment or policy.verifies) and not self.site.uses_blocks:
+            what = "decides per block" if policy.per_segment else "verifies its drafts on one computed block"
+            raise ValueError(f"the '{policy.method}' policy {what}: set the site to 'blocks' (or 'span'), not 'model'")
+        if self.cfg_refresh == 1 or self.cfg_refresh < 0:
+            raise ValueError(f"cfg_refresh must be 0 (off) or >= 2 (both branches computed every N steps), "
+                             f"got {self.cfg_refresh}")
 
     def describe(self) -> dict:
         return {
@@ -64,6 +75,7 @@ class CacheConfig:
             "probe_blocks": self.site.probe_blocks,
             "corrector_blocks": self.site.corrector_blocks,
             "tokens": None if self.tokens is None else self.tokens.label,
+            "cfg_refresh": self.cfg_refresh,
         }
 
 
@@ -113,8 +125,9 @@ class CacheRun:
         return max(1, len(self.schedule) - 1)
 
     def _reset_state(self):
-        self.policy_state = self.config.policy.new_state()
-        self.gate = self.config.policy.new_gate(self.steps, self.fill_cost)
+        self.policy_states: dict = {}  # scope -> PolicyState (scope None: the evaluation-wide decision)
+        self.gates: dict = {}  # scope -> its gate (threshold or budget controller)
+        self.gate = self._gate(None)
         self.forecasters: dict = {}
         self.norm_bands: dict = {}  # (key, uuid) -> (min, max) norm of its computed values, 0-dim tensors
         self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
@@ -124,12 +137,14 @@ class CacheRun:
         self.cache_bytes = 0
         self.ref_uuid = None
         self.signatures: dict = {}  # uuid -> (chunk shape, dtype, device) of its input
-        self.decision: Optional[bool] = None
-        self.indicator = None
-        self.consecutive_fills = 0
-        self.last_reference_compute = -1  # evaluation index of the reference's latest compute
+        self.decisions: dict = {}  # scope -> compute? in the current evaluation
+        self.indicators: dict = {}
+        self.consecutive_fills: dict = {}
+        self.last_reference_compute: dict = {}  # scope -> evaluation index of the reference's latest compute
+        self.pending_verification = False  # a fresh draft of the current evaluation awaits `verify`
         self.uuids: list = []
         self.seen: set = set()  # uuids called in the current evaluation
+        self.cfg = CfgBranchCache(self.config.cfg_refresh) if self.config.cfg_refresh else None
         self.tokens = TokenState(self.config.tokens) if self.config.tokens is not None else None
 
     # -- calls and evaluations -------------------------------------------------------------
@@ -150,21 +165,28 @@ class CacheRun:
                 self._note(f"input changed from {previous} to {signature}: caches reset")
                 self._drop_caches(uuid)
                 if uuid == self.ref_uuid:
-                    self.policy_state = self.config.policy.new_state()
+                    self.policy_states = {}
             self.signatures[uuid] = signature
         current = self.trace.evaluations[-1] if self.trace.evaluations else None
         if current is None or sigma != current.sigma or self.seen.intersection(uuids):
             self.trace.begin(sigma, self._step_of(sigma))
-            self.decision = None
+            self.decisions = {}
+            self.pending_verification = False
             self.guarded_keys = set()  # keys whose fills this evaluation fall back to reuse
             self.seen = set()
             if self.ref_uuid not in uuids:
                 if self.ref_uuid is not None:
-                    self.policy_state = self.config.policy.new_state()
+                    self.policy_states = {}
                 self.ref_uuid = uuids[0]
         self.seen.update(uuids)
         self.uuids = list(uuids)
         self.prepared = {}
+
+    def prefer_reference(self, uuid) -> None:
+        """Take decisions from this conditioning (set before the first call; the CFG-branch cache calls the
+        positive branch alone on its filled steps, so the decisions must come from it)."""
+        if self.ref_uuid is None:
+            self.ref_uuid = uuid
 
     def _drop_caches(self, uuid) -> None:
         for key in [k for k in self.forecasters if k[1] == uuid]:
@@ -180,57 +202,103 @@ class CacheRun:
         steps = self.schedule[:-1] or [sigma]
         return min(range(len(steps)), key=lambda i: abs(steps[i] - sigma))
 
-    def _forced(self) -> bool:
+    def _forced(self, scope) -> bool:
         ev = self.trace.evaluations[-1]
         policy = self.config.policy
+        share = self._gate(scope).compute_share
         return (self.over_budget
                 or ev.index < policy.warmup_steps
-                or ev.step < int(policy.effective_retention(self.gate.compute_share) * self.steps)
+                or ev.step < int(policy.effective_retention(share) * self.steps)
                 or not (self.active_high >= ev.sigma > self.active_low)
-                or 0 < policy.effective_max_consecutive(self.gate.compute_share) <= self.consecutive_fills)
+                or 0 < policy.effective_max_consecutive(share) <= self.consecutive_fills.get(scope, 0))
+
+    def _progress(self) -> torch.Tensor:
+        return torch.tensor(self.trace.evaluations[-1].step / max(1, self.steps - 1))
+
+    def _state(self, scope: Optional[Scope]):
+        if scope not in self.policy_states:
+            policy = self.config.policy
+            self.policy_states[scope] = policy.new_state(scope) if policy.per_segment else policy.new_state()
+        return self.policy_states[scope]
+
+    @property
+    def policy_state(self):
+        """The evaluation-wide policy state (per-segment policies keep one per segment)."""
+        return self._state(None)
+
+    def _gate(self, scope: Optional[Scope]):
+        if scope not in self.gates:
+            self.gates[scope] = self.config.policy.new_gate(self.steps, self.fill_cost)
+        return self.gates[scope]
 
     def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]],
-               forced_by: Optional[str] = None) -> bool:
+               scope: Optional[Scope] = None, forced_by: Optional[str] = None) -> bool:
         """True to compute. `keys` are the cached values a fill would need for every uuid of the call.
 
-        `forced_by` names why this call cannot be filled (e.g. ControlNet residuals entering skipped
-        blocks); the evaluation is computed and its trace entry says why."""
+        `scope` names the segment of a per-segment policy's decision; other policies decide once per
+        evaluation and ignore it. `forced_by` names why this call cannot be filled (e.g. ControlNet
+        residuals entering skipped blocks); the evaluation is computed and its trace entry says why."""
+        policy = self.config.policy
+        scope = scope if policy.per_segment else None
         ev = self.trace.evaluations[-1]
-        if self.decision is None and self.ref_uuid in self.uuids:
-            kind = self.config.policy.indicator
-            self.indicator = None if kind == NO_INDICATOR else indicator(kind)
-            forced = bool(forced_by) or self._forced() or not self._has_caches(keys, self.uuids)
-            value = self.policy_state.measure(ev.sigma, self.indicator)
+        if scope not in self.decisions and self.ref_uuid in self.uuids:
+            kind = policy.indicator
+            value_in = None if kind == NO_INDICATOR else self._progress() if kind == PROGRESS else indicator(kind)
+            forced = bool(forced_by) or self._forced(scope) or not self._has_caches(keys, self.uuids, scope)
+            state, gate = self._state(scope), self._gate(scope)
+            value = state.measure(ev.sigma, value_in)
             if value is not None and not math.isfinite(value):  # e.g. a rate over a vanishing change
-                self._note_once(f"the {self.config.policy.method} indicator was not finite: that evaluation was "
+                self._note_once(f"the {policy.method} indicator was not finite: that evaluation was "
                                 "computed and the policy restarted")
-                self.policy_state = self.config.policy.new_state()
-                value = None
-            self.gate.count()
-            compute = forced or value is None or self.gate.wants_compute(value, ev.step)
-            self.gate.record(value, compute)
-            self.policy_state.decided(compute)
-            self.decision = compute
-            ev.indicator = value
-            ev.decision = COMPUTED if compute else self.fill_action
-            ev.forced_by = forced_by
-            self.consecutive_fills = 0 if compute else self.consecutive_fills + 1
-            if compute:
-                self.last_reference_compute = ev.index
-        compute = (bool(forced_by) or self.decision is None or self.decision
-                   or not self._has_caches(keys, self.uuids))
+                self.policy_states.pop(scope)
+                state, value = self._state(scope), None
+            gate.count()
+            compute = forced or value is None or gate.wants_compute(value, ev.step)
+            gate.record(value, compute)
+            state.decided(compute)
+            self.decisions[scope] = compute
+            self.indicators[scope] = value_in
+            if scope is None or ev.indicator is None:
+                ev.indicator = value
+            ev.forced_by = ev.forced_by or forced_by
+            self._record(scope, compute)
+            self.pending_verification = policy.verifies and not compute
+        decision = self.decisions.get(scope)
+        compute = (bool(forced_by) or decision is None or decision
+                   or not self._has_caches(keys, self.uuids, scope))
         if not compute and not self._prepare_fills(keys):
-            self.guard_computes += 1  # no safe fill: this evaluation computes after all
+            self.guard_computes += 1  # no safe fill: this decision computes after all
             compute = True
             if self.ref_uuid in self.uuids:
-                self.gate.overruled()
-                self.policy_state.decided(True)
-                self.decision = True
-                self.consecutive_fills = 0
-                self.last_reference_compute = ev.index
-        if compute:
+                self._overrule(scope)
+        if compute and scope is None:
             ev.decision = COMPUTED  # the report counts what ran: any call that computes computes the evaluation
         return compute
+
+    def _record(self, scope, compute: bool) -> None:
+        ev = self.trace.evaluations[-1]
+        ev.decision = COMPUTED if all(self.decisions.values()) else self.fill_action
+        self.consecutive_fills[scope] = 0 if compute else self.consecutive_fills.get(scope, 0) + 1
+        if compute:
+            self.last_reference_compute[scope] = ev.index
+
+    def _overrule(self, scope) -> None:
+        """A fill decision that turned into a compute (no safe fill, a rejected draft)."""
+        self._gate(scope).overruled()
+        self._state(scope).decided(True)
+        self.decisions[scope] = True
+        self.pending_verification = False
+        self._record(scope, True)
+
+    def verify(self, error: float) -> bool:
+        """A verifying policy's check of the pending draft: `error` is the verified block's relative output
+        error. False rejects the draft: the evaluation is computed instead."""
+        self.pending_verification = False
+        accepted = self._state(None).accept(error)
+        self.trace.evaluations[-1].indicator = error
+        if not accepted:
+            self._overrule(None)
+        return accepted
 
     def _prepare_fills(self, keys) -> bool:
         """Forecast every value this call fills and check it: a non-finite forecast, or one whose norm leaves
@@ -239,7 +307,8 @@ class CacheRun:
         False when some value has no safe fill (its last computed value is not finite either)."""
         self._wait_for_offload()
         slots = [(k, u) for k in keys for u in self.uuids]
-        times = [self.policy_state.fill_time(u, self.sigma) for _, u in slots]
+        timing = self.policy_states.get(None)  # DiCache remaps the fill time; per-segment policies do not
+        times = [timing.fill_time(u, self.sigma) if timing else self.sigma for _, u in slots]
         self.prepared = dict(zip(slots, predict_all([self.forecasters[slot] for slot in slots], times)))
         norms = torch.stack([n.float() for n in torch._foreach_norm(list(self.prepared.values()), 2)])
         bands = torch.stack([torch.stack(self.norm_bands[slot]).float() for slot in slots]).to(norms.device)
@@ -263,7 +332,7 @@ class CacheRun:
         if self.tokens is None:
             return None
         ev = self.trace.evaluations[-1]
-        partial = not compute and self.tokens.partial_step(self.consecutive_fills)
+        partial = not compute and self.tokens.partial_step(self.consecutive_fills.get(None, 0))
         if partial and self.ref_uuid in self.uuids:
             ev.decision = PARTIAL
         reference = self.uuids.index(self.ref_uuid) if self.ref_uuid in self.uuids else -1
@@ -279,18 +348,32 @@ class CacheRun:
 
     def computed(self, output_ref: torch.Tensor, residual_ref: torch.Tensor) -> None:
         """Feed the policy the reference chunk's output and residual of a computed evaluation."""
-        if self.ref_uuid in self.uuids and self.decision:
-            self.policy_state.computed(self.sigma, self.indicator, output_ref, residual_ref)
+        if self.ref_uuid in self.uuids and self.decisions.get(None):
+            self._state(None).computed(self.sigma, self.indicators[None], output_ref, residual_ref)
 
     def observe_probe(self, residual: torch.Tensor) -> None:
         """The probe blocks' residual of every conditioning of the call, before the decision (fills read it)."""
         for i, uuid in enumerate(self.uuids):
-            self.policy_state.observe_probe(uuid, chunk(residual, len(self.uuids), i))
+            self._state(None).observe_probe(uuid, chunk(residual, len(self.uuids), i))
 
     def probe_computed(self) -> None:
         """The call computes: its observed probe residuals belong to computed points."""
         for uuid in self.uuids:
-            self.policy_state.probe_computed(uuid, self.sigma)
+            self._state(None).probe_computed(uuid, self.sigma)
+
+    def evaluation_computed(self) -> bool:
+        """Whether the latest evaluation ran its cached blocks (all of them) rather than filling them."""
+        return bool(self.trace.evaluations) and self.trace.evaluations[-1].decision == COMPUTED
+
+    def cfg_without_negative(self) -> None:
+        """The CFG-branch cache saw a step with no negative branch (cfg 1): said once in the report."""
+        message = "the CFG-branch cache has nothing to do at cfg 1 (no negative branch is computed)"
+        if message not in self.notes:
+            self._note(message)
+
+    def ran_for(self, share: float) -> None:
+        """The current evaluation ran the model for this share of its batch (the CFG-branch cache filled the rest)."""
+        self.trace.evaluations[-1].share = share
 
     @property
     def fill_action(self) -> str:
@@ -300,9 +383,11 @@ class CacheRun:
         self.trace.mark(row, action, fraction)
 
     # -- caches --------------------------------------------------------------------------
-    def _has_caches(self, keys, uuids) -> bool:
-        """Every value a fill needs exists and is no older than the reference's latest compute."""
-        return all(self.updated_at.get((k, u), -2) >= self.last_reference_compute for k in keys for u in uuids)
+    def _has_caches(self, keys, uuids, scope=None) -> bool:
+        """Every value a fill needs exists and is no older than the reference's latest compute (of its segment,
+        for a per-segment decision)."""
+        latest = self.last_reference_compute.get(scope, -1)
+        return all(self.updated_at.get((k, u), -2) >= latest for k in keys for u in uuids)
 
     def store(self, key, values: torch.Tensor, grid: Optional[TokenGrid] = None) -> None:
         """Record a computed value (batched over the call's uuids) at the current sigma.
@@ -417,10 +502,11 @@ class CacheRun:
     def report(self) -> dict:
         fraction = self.trace.compute_fraction()
         budget = self.gate.budget
-        if budget is not None and abs(fraction - budget) > BUDGET_TOLERANCE and not self._budget_noted:
+        feature_fraction = self.trace.compute_fraction(with_shares=False)  # the budget is the feature cache's
+        if budget is not None and abs(feature_fraction - budget) > BUDGET_TOLERANCE and not self._budget_noted:
             self._budget_noted = True
-            self._note(f"compute fraction {fraction:.3f} missed the budget {budget:.3f}: forced computes (warmup, "
-                       "retention, start/end, max consecutive, policy needing data) or the always-computed probe/"
+            self._note(f"compute fraction {feature_fraction:.3f} missed the budget {budget:.3f}: forced computes "
+                       "(warmup, retention, start/end, max consecutive, policy needing data) or the always-computed probe/"
                        "corrector blocks set a floor above it, or the run's evaluations differed from the schedule's")
         decisions = [ev.decision for ev in self.trace.evaluations]
         notes = list(self.notes)
@@ -436,12 +522,14 @@ class CacheRun:
             "evaluations_computed": sum(d == COMPUTED for d in decisions),
             "evaluations_filled": sum(d != COMPUTED for d in decisions),
             "evaluations_partial": sum(d == PARTIAL for d in decisions),
+            "evaluations_rejected": sum(REJECTED in ev.actions for ev in self.trace.evaluations),
+            "evaluations_partial_batch": sum(ev.share < 1.0 for ev in self.trace.evaluations),
             "cells": self.trace.counts(),
             "calls_stood_aside": sum(ev.aside for ev in self.trace.evaluations),
             "budget": self.gate.budget,
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
-            "peak_cache_bytes": self.peak_bytes,
+            "peak_cache_bytes": self.peak_bytes + (self.cfg.nbytes if self.cfg else 0),
             "cache_dtype": self.config.cache_dtype,
             "orders_lowered": self.orders_lowered,
             "offloaded": self.offloaded,

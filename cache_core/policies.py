@@ -23,6 +23,7 @@ from .calibration import MagnitudeCurve
 NO_INDICATOR = "none"
 INPUT = "input"  # the cached region's input (the model input at the whole-model site)
 MODULATED_INPUT = "modulated_input"  # timestep-modulated input of the first block (TeaCache)
+PROGRESS = "progress"  # position in the schedule, 0 at the first step and 1 at the last (a 0-d tensor)
 PROBE_RESIDUAL = "probe_residual"  # residual of the always-computed probe blocks (first-block cache)
 PROBE_OUTPUT = "probe_output"  # output of the always-computed probe blocks (DiCache)
 PROBE_INDICATORS = (PROBE_RESIDUAL, PROBE_OUTPUT)
@@ -93,6 +94,8 @@ class Policy:
 
     method = "base"
     indicator = NO_INDICATOR
+    per_segment = False  # True: every cached segment decides on its own (new_state(scope) and a gate each)
+    verifies = False  # True: a filled evaluation is checked on one really computed block (PolicyState.accept)
 
     def __post_init__(self):
         budget_for_speed(self.speed)  # validates the range
@@ -144,6 +147,15 @@ class Policy:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class Scope:
+    """The part of the model a per-segment decision is for: cached segment `position` of `count`, front first."""
+
+    key: str
+    position: int
+    count: int
+
+
 class PolicyState:
     """Per-run state. `measure` gives the value the gate compares (None: cannot fill yet)."""
 
@@ -166,6 +178,10 @@ class PolicyState:
     def fill_time(self, uuid, sigma: float) -> float:
         """The time at which the forecaster is asked for a fill (DiCache remaps it)."""
         return sigma
+
+    def accept(self, error: float) -> bool:
+        """Verifying policies: whether a draft whose verified block has this relative error stands."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -451,5 +467,170 @@ class _MagnitudeState(PolicyState):
         return None if self.recorder is None else self.recorder.curve()
 
 
-POLICIES = {cls.method: cls for cls in (FixedInterval, TeaCache, EasyCache, FirstBlock, DiCache, MagCache)}
+@dataclass(frozen=True)
+class Foresight(Policy):
+    """Foresight: each block reuses its cached residual while its own input stays within its own threshold.
+
+    A segment's value is the relative L1 change of its input since its last compute, in units of its
+    own change per evaluation: measured over the first `calibration_steps` evaluations (all
+    computed), then updated at every compute (the change since the previous compute / the
+    evaluations between them, averaged with the previous rate), so a schedule whose steps shrink
+    (karras) keeps the unit honest. Each segment has its own gate (budget or expert threshold, in
+    those units): deep and shallow blocks drift at different rates, so one global threshold would
+    either freeze some or never skip others.
+    """
+
+    calibration_steps: int = 3
+
+    method = "foresight"
+    indicator = INPUT
+    per_segment = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.calibration_steps < 1:
+            raise ValueError(f"calibration_steps must be >= 1, got {self.calibration_steps}")
+
+    def new_state(self, scope: Scope):
+        return _LayerChangeState(self.calibration_steps)
+
+
+class _LayerChangeState(PolicyState):
+    def __init__(self, calibration_steps: int):
+        self.calibration_steps = calibration_steps
+        self.rates: list[float] = []
+        self.rate: Optional[float] = None
+        self.input_at_compute: Optional[torch.Tensor] = None
+        self.since_compute = 0
+        self.pending: tuple = (None, None)  # (indicator, change) of the evaluation being decided
+
+    def measure(self, sigma, indicator):
+        if indicator is None:
+            return None
+        self.since_compute += 1
+        change = None if self.input_at_compute is None else relative_l1(indicator, self.input_at_compute)
+        self.pending = (indicator, change)
+        return None if self.rate is None or change is None else change / max(self.rate, 1e-12)
+
+    def decided(self, compute):
+        indicator, change = self.pending
+        if not compute or indicator is None:
+            return
+        if change is not None:
+            rate = change / self.since_compute
+            if self.rate is None:
+                self.rates.append(rate)
+                if len(self.rates) >= self.calibration_steps:
+                    self.rate = sum(self.rates) / len(self.rates)
+            else:
+                self.rate = 0.5 * (self.rate + rate)
+        self.input_at_compute = indicator.detach().clone()
+        self.since_compute = 0
+
+
+@dataclass(frozen=True)
+class Delta(FixedInterval):
+    """Δ-DiT: a window of blocks is filled between computes; the blocks outside it always run.
+
+    The window covers a `window` fraction of the cached segments and slides with the schedule from
+    the rear blocks (early steps, where the front blocks shape the outline) to the front blocks
+    (late steps, where the rear blocks refine details). Inside it each segment is spaced like
+    `fixed` (evenly spaced computes for the budget, or one in every `interval`); the window is
+    half the segments at speed 0 up to all at speed 1.
+    """
+
+    window: Optional[float] = None
+
+    method = "delta"
+    indicator = PROGRESS
+    per_segment = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.window is not None and not 0.0 < self.window <= 1.0:
+            raise ValueError(f"window must be in (0, 1], got {self.window}")
+
+    @property
+    def effective_window(self) -> float:
+        return self.window if self.window is not None else 0.5 + 0.5 * self.speed
+
+    def window_positions(self, progress: float, count: int) -> range:
+        """The cached segment positions filled at `progress` (0: first step, 1: last) out of `count`."""
+        size = max(1, min(count, math.ceil(self.effective_window * count - 1e-9)))
+        start = round((1.0 - progress) * (count - size))
+        return range(start, start + size)
+
+    def new_state(self, scope: Scope):
+        return _SlidingWindowState(self, scope)
+
+
+class _SlidingWindowState(_CountingState):
+    def __init__(self, policy: Delta, scope: Scope):
+        super().__init__()
+        self.policy = policy
+        self.scope = scope
+
+    def measure(self, sigma, indicator):
+        value = super().measure(sigma, indicator)
+        inside = self.scope.position in self.policy.window_positions(float(indicator), self.scope.count)
+        return value if inside else None  # outside the window: always computed
+
+
+@dataclass(frozen=True)
+class SpeCa(Policy):
+    """SpeCa: draft every evaluation with the forecaster, verify it on one block computed from its real input.
+
+    The verified block is the first cached block (everything before it ran, so its input is real and
+    a rejection recomputes the rest of the evaluation with no work lost). The draft stands while the
+    block's relative output error stays within a tolerance that decays across the schedule from
+    `threshold` (default speed * `speed_to_tolerance`) to `decay` times that (late steps shape
+    details, so they must be more exact). The verification is the gate: no budget controller.
+    """
+
+    decay: float = 0.5
+
+    method = "speca"
+    indicator = PROGRESS
+    verifies = True
+    speed_to_tolerance = 0.2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+
+    @property
+    def tolerance(self) -> float:
+        return self.threshold if self.threshold is not None else self.speed * self.speed_to_tolerance
+
+    @property
+    def budget(self) -> Optional[float]:
+        return None
+
+    def threshold_at(self, progress: float) -> float:
+        return self.tolerance * self.decay ** progress
+
+    def new_gate(self, steps: int, fill_cost: float):
+        return ThresholdGate(math.inf)  # draft whenever the engine does not force a compute
+
+    def new_state(self):
+        return _VerifiedDraftState(self)
+
+
+class _VerifiedDraftState(PolicyState):
+    def __init__(self, policy: SpeCa):
+        self.policy = policy
+        self.tolerance = 0.0
+
+    def measure(self, sigma, indicator):
+        progress = float(indicator)
+        self.tolerance = self.policy.threshold_at(progress)
+        return None if self.tolerance <= 0.0 else progress  # no tolerance (speed 0): compute
+
+    def accept(self, error):
+        return error <= self.tolerance
+
+
+POLICIES = {cls.method: cls for cls in (FixedInterval, TeaCache, EasyCache, FirstBlock, DiCache, MagCache, Foresight,
+                                        Delta, SpeCa)}
 

@@ -8,7 +8,9 @@ COMPUTED = "computed"
 REUSED = "reused"
 FORECAST = "forecast"
 PARTIAL = "partial"
-ACTIONS = (COMPUTED, REUSED, FORECAST, PARTIAL)
+REJECTED = "rejected"  # a draft checked against this block's real output and refused: the block was computed
+ACTIONS = (COMPUTED, REUSED, FORECAST, PARTIAL, REJECTED)
+WORK = (COMPUTED, REJECTED)  # cells whose block ran in full
 
 
 @dataclass
@@ -20,6 +22,7 @@ class Evaluation:
     indicator: Optional[float] = None
     decision: str = COMPUTED
     forced_by: Optional[str] = None  # why this evaluation had to be computed, when not the policy's choice
+    share: float = 1.0  # the part of the batch the model ran for (CFG-branch cache: the positive branch only)
     fractions: dict = field(default_factory=dict)  # row -> fraction of its work a partial cell did
     aside: int = 0  # model calls of another node's pass that ran uncached, apart from the cache
 
@@ -35,10 +38,11 @@ class Trace:
         return ev
 
     def mark(self, row: int, action: str, fraction: Optional[float] = None) -> None:
-        """Record the action of a row in the current evaluation; a compute in any call wins over a fill.
-        A partial cell records the fraction of the row's work it did."""
+        """Record the action of a row in the current evaluation; a compute in any call wins over a fill, and
+        a rejected draft stays visible when another call computes the block. A partial cell records the
+        fraction of the row's work it did."""
         ev = self.evaluations[-1]
-        if ev.actions[row] != COMPUTED:
+        if ev.actions[row] not in WORK:
             ev.actions[row] = action
             if action == PARTIAL:
                 ev.fractions[row] = fraction
@@ -46,9 +50,10 @@ class Trace:
     def computed_evaluations(self) -> list[int]:
         return [ev.index for ev in self.evaluations if ev.decision == COMPUTED]
 
-    def compute_fraction(self) -> float:
-        """Full-equivalent cell computations / cells: a partial cell counts at its recorded fraction."""
-        work = [1.0 if a == COMPUTED else ev.fractions[r] if a == PARTIAL else 0.0
+    def compute_fraction(self, with_shares: bool = True) -> float:
+        """Full-equivalent cell computations / cells: a partial cell counts at its recorded fraction, every
+        cell of an evaluation at the share of the batch the model ran for (`with_shares`)."""
+        work = [(ev.share if with_shares else 1.0) * (1.0 if a in WORK else ev.fractions[r] if a == PARTIAL else 0.0)
                 for ev in self.evaluations for r, a in enumerate(ev.actions) if a is not None]
         return sum(work) / len(work) if work else 1.0
 
@@ -64,7 +69,7 @@ class Trace:
     def from_dict(cls, data: dict) -> "Trace":
         return cls(list(data["rows"]), [
             Evaluation(e["index"], e["sigma"], e["step"], list(e["actions"]), e.get("indicator"),
-                       e.get("decision", COMPUTED), e.get("forced_by"),
+                       e.get("decision", COMPUTED), e.get("forced_by"), e.get("share", 1.0),
                        {int(r): f for r, f in e.get("fractions", {}).items()}, e.get("aside", 0))
             for e in data["evaluations"]])
 
@@ -73,7 +78,7 @@ class Trace:
             "rows": list(self.rows),
             "evaluations": [
                 {"index": ev.index, "sigma": ev.sigma, "step": ev.step, "decision": ev.decision,
-                 "indicator": ev.indicator, "actions": list(ev.actions), "forced_by": ev.forced_by,
+                 "indicator": ev.indicator, "actions": list(ev.actions), "forced_by": ev.forced_by, "share": ev.share,
                  "fractions": dict(ev.fractions), "aside": ev.aside}
                 for ev in self.evaluations
             ],

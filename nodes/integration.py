@@ -6,6 +6,8 @@ output; at block sites it makes the run reachable from every block of the call (
 pass transformer_options to their block hooks) and, for families without a block replace hook, routes
 the block modules' forward through the engine for the duration of the call (see adapters.FORWARD).
 Block sites of hooked families use `patches_replace["dit"]` entries. The model is never left modified.
+With the CFG-branch cache a CALC_COND_BATCH wrapper (the one place that sees cond and uncond together)
+runs the negative branch only on refresh steps.
 """
 from __future__ import annotations
 
@@ -125,6 +127,8 @@ def install(model, config: CacheConfig, handle: CacheHandle):
     model = model.clone()
     model.model_options["transformer_options"][SETUP_KEY] = CacheSetup(config, adapter, layout, handle)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
+    if config.cfg_refresh:
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, _calc_cond_batch)
     if adapter is None:
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model)
         return model
@@ -302,6 +306,35 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
             return denoised
         run.mark(0, run.fill_action)
         return x - scale * run.fill("model", x)
+
+
+def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, **kwargs):
+    """CFG-branch cache: on a filled step only the positive branch runs; the negative one is the positive
+    output plus the cached branch difference (cfg 1 has no negative branch: nothing to do). Only
+    evaluations the model computes count: where the feature cache fills, both branches are filled."""
+    context: Optional[_RunContext] = model_options.get("transformer_options", {}).get(RUN_KEY)
+    if context is None or len(conds) != 2 or not conds[0]:
+        return executor(model, conds, x_in, timestep, model_options, **kwargs)
+    run = context.run
+    if not conds[1]:
+        run.cfg_without_negative()
+        return executor(model, conds, x_in, timestep, model_options, **kwargs)
+    run.prefer_reference((conds[0][0]["uuid"], 0))  # the positive branch's key, as _conditionings makes it
+    sigma = timestep.reshape(-1, *([1] * (x_in.ndim - 1))).to(x_in.dtype)
+    if run.cfg.wants_both(x_in, sigma):
+        out = executor(model, conds, x_in, timestep, model_options, **kwargs)
+        if run.evaluation_computed():  # a difference of two feature-cache fills would refresh nothing
+            run.cfg.refreshed(out[0], out[1], sigma)
+        return out
+    out = executor(model, [conds[0], None], x_in, timestep, model_options, **kwargs)
+    total = len(conds[0]) + len(conds[1])
+    if not run.evaluation_computed():  # the feature cache fills this step: its fill of the negative branch is as cheap
+        negative = executor(model, [None, conds[1]], x_in, timestep, model_options, **kwargs)[1]
+        if run.evaluation_computed():  # the negative's cache predates the positive's last compute: it ran alone
+            run.ran_for(len(conds[1]) / total)
+        return [out[0], negative]
+    run.ran_for(len(conds[0]) / total)
+    return [out[0], run.cfg.fill(out[0], sigma)]
 
 
 def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):

@@ -35,6 +35,12 @@ _METHOD_HELP = {
                "site with probe >= 1; first 20% of steps computed)",
     "magcache": "MagCache: calibrated magnitude ratio of the residual; the first run of a model/sampler/schedule "
                 "computes every step to calibrate (stored in ComfyUI's user folder), later runs use it",
+    "foresight": "Foresight: each block reuses while its input changes less than its own threshold, calibrated on "
+                 "the first steps (block sites; 'blocks' decides per block)",
+    "delta": "Δ-DiT: between full computes a window of blocks is filled, sliding from the rear blocks (early "
+             "steps) to the front blocks (late steps) (block sites; 'blocks' decides per block)",
+    "speca": "SpeCa: every step drafted by the forecaster and verified on the first cached block; a draft off by "
+             "more than a threshold that decays over the schedule is computed instead (block sites)",
 }
 
 
@@ -225,6 +231,15 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 io.Combo.Input("cache_dtype", options=list(CACHE_DTYPES), default="auto", optional=True,
                                tooltip="Storage dtype of cached values; forecast differences and sums stay float32. "
                                        "auto: the model's dtype."),
+                io.Boolean.Input("cfg_cache", default=False, optional=True,
+                                 tooltip="CFG-branch cache (FasterCache): with cfg > 1, the negative (unconditional) "
+                                         "branch is computed only on every cfg_refresh-th computed step and filled "
+                                         "in between from the positive branch plus their cached difference, "
+                                         "halving the batch on those steps. Any site. Does nothing at cfg 1 (the "
+                                         "report says so)."),
+                io.Int.Input("cfg_refresh", default=3, min=2, max=100, optional=True,
+                             tooltip="CFG-branch cache only: both branches are computed on every N-th computed step, "
+                                     "refreshing their cached difference."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -232,7 +247,7 @@ class ApplyFeatureCacheNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, site, probe_blocks, corrector_blocks, cache_device, memory_budget_mb,
-                policy=None, forecaster=None, tokens=None, cache_dtype="auto"):
+                policy=None, forecaster=None, tokens=None, cache_dtype="auto", cfg_cache=False, cfg_refresh=3):
         site_config = _build(Site, kind=site, probe_blocks=probe_blocks if site != "model" else 0,
                              corrector_blocks=corrector_blocks if site != "model" else 0)
         policy = policy or make_policy(DEFAULT_METHOD)
@@ -241,7 +256,8 @@ class ApplyFeatureCacheNode(io.ComfyNode):
             forecaster = RECOMMENDED_FORECASTER if order is None else ForecasterConfig("taylor", order)
         config = _build(CacheConfig, policy=policy, forecaster=forecaster,
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
-                        memory_budget_mb=memory_budget_mb, cache_dtype=cache_dtype)
+                        memory_budget_mb=memory_budget_mb, cache_dtype=cache_dtype,
+                        cfg_refresh=cfg_refresh if cfg_cache else 0)
         try:
             return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
         except (ValueError, HostDrift) as error:  # raised before sampling (model, site, host), with what to do instead
