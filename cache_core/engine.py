@@ -307,6 +307,9 @@ class CacheRun:
         False when some value has no safe fill (its last computed value is not finite either)."""
         self._wait_for_offload()
         slots = [(k, u) for k in keys for u in self.uuids]
+        if not slots:  # a scope with nothing to fill (per-segment decisions)
+            self.prepared = {}
+            return True
         timing = self.policy_states.get(None)  # DiCache remaps the fill time; per-segment policies do not
         times = [timing.fill_time(u, self.sigma) if timing else self.sigma for _, u in slots]
         self.prepared = dict(zip(slots, predict_all([self.forecasters[slot] for slot in slots], times)))
