@@ -8,7 +8,7 @@ COMFYUI_TAG := v0.3.64
 COMFYUI_REPO := https://github.com/comfyanonymous/ComfyUI.git
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast test-compat test-reliability test-browser demo bench bench-peers coverage clean
+.PHONY: setup test test-fast test-compat test-reliability test-browser demo bench bench-peers coverage memory-report clean
 
 setup: $(STAMP) .comfyui_path
 
@@ -79,6 +79,10 @@ FC_PEERS_DIR ?= $(CURDIR)/.peers
 bench-peers: setup
 	@$(PY) -c "import diffusers" 2>/dev/null || $(PIP) install --no-deps diffusers
 	$(PY) -m benchmarks.frontier --peers "$(FC_PEERS_DIR)" --out out/bench-peers
+
+# Cache bytes per method, order and site at Flux-dev and Wan-14B sizes (meta tensors): out/memory_report.{md,json}
+memory-report: setup
+	$(PY) -m benchmarks.memory_report --out out
 
 clean:
 	rm -rf out .pytest_cache

@@ -2,7 +2,7 @@
 from .blocks import BlockRunner
 from .cfg import CfgBranchCache
 from .budget import BudgetController, budget_for_speed
-from .engine import CacheConfig, CacheRun
+from .engine import CACHE_DTYPES, CacheConfig, CacheRun
 from .forecasters import FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, Forecaster, ForecasterConfig, TaylorForecaster
 from .grid import TokenGrid
 from .policies import (POLICIES, Delta, DiCache, EasyCache, FirstBlock, FixedInterval, Foresight, MagCache, Policy,
@@ -14,7 +14,8 @@ from .tokens import TOKEN_SELECTIONS, TokenConfig, TokenLayout
 from .trace import COMPUTED, FORECAST, PARTIAL, REJECTED, REUSED, Trace
 
 __all__ = [
-    "BlockRunner", "CfgBranchCache", "BudgetController", "budget_for_speed", "CacheConfig", "CacheRun",
+    "BlockRunner", "CfgBranchCache", "BudgetController", "budget_for_speed", "CACHE_DTYPES", "CacheConfig",
+    "CacheRun",
     "FORECASTER_KINDS",
     "MAX_TAYLOR_ORDER", "ORDERS", "Forecaster", "ForecasterConfig", "TaylorForecaster", "TokenGrid", "POLICIES",
     "Delta", "DiCache", "EasyCache", "FirstBlock", "FixedInterval", "Foresight", "MagCache", "Policy", "SpeCa",

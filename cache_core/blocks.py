@@ -82,6 +82,10 @@ class BlockRunner:
 
     def __call__(self, kind: str, index: int, args: dict, run_block: Callable[[dict], dict],
                  uuids: list, sigma: float) -> dict:
+        with self.run.timed():
+            return self._block(kind, index, args, lambda a: self.run.model_call(run_block, a), uuids, sigma)
+
+    def _block(self, kind, index, args, run_block, uuids, sigma):
         role, g, segment_number = self.plan.role(kind, index)
         streams = self.streams[kind]
         if g == 0:

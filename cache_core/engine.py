@@ -8,8 +8,10 @@ Caches are kept per conditioning uuid and per key (a block segment or the whole 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -17,6 +19,7 @@ import torch
 
 from .cfg import CfgBranchCache
 from .forecasters import ForecasterConfig
+from .forecasters.history import Storage, predict_all
 from .grid import TokenGrid, grid_for
 from .policies import NO_INDICATOR, PROBE_INDICATORS, PROGRESS, FixedInterval, Policy, Scope
 from .sites import Site
@@ -28,6 +31,7 @@ BUDGET_TOLERANCE = 0.05
 # A fill's forecast must have a norm within [min / GUARD_BAND, max * GUARD_BAND] of the norms of the
 # values computed for it so far; outside (or not finite) it is an overshoot and reuse replaces it.
 GUARD_BAND = 2.0
+CACHE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class CacheConfig:
     tokens: Optional[TokenConfig] = None
     offload_to_cpu: bool = False
     memory_budget_mb: float = 0.0  # 0: unlimited
+    cache_dtype: str = "auto"  # values' storage dtype (differences and sums stay float32); auto: the model's
     cfg_refresh: int = 0  # CFG-branch cache: both branches computed every cfg_refresh evaluations; 0: off
 
     def __post_init__(self):
@@ -46,6 +51,8 @@ class CacheConfig:
                 f"the '{self.policy.method}' policy reads the always-computed probe blocks, which the "
                 f"'{self.site.kind}' site with probe_blocks {self.site.probe_blocks} does not have: on Apply Feature "
                 "Cache set site to 'span' or 'blocks' with probe_blocks >= 1")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"unknown cache_dtype '{self.cache_dtype}'; available: {', '.join(CACHE_DTYPES)}")
         if self.memory_budget_mb < 0:
             raise ValueError("memory_budget_mb must be >= 0 (0 means unlimited)")
         if self.tokens is not None and not self.site.uses_blocks:
@@ -98,8 +105,13 @@ class CacheRun:
         self.peak_bytes = 0
         self.over_budget = False
         self._budget_noted = False
+        self.orders_lowered = 0  # by the memory budget, for every forecaster of the run
+        self.offloaded = config.offload_to_cpu
+        self.offload_pending = False  # asynchronous GPU -> pinned CPU copies not yet waited for
         self.guarded_fills = 0
         self.guard_computes = 0
+        self.overhead_s: dict = {}  # evaluation index -> wall seconds spent in our code (not in the model)
+        self._model_s = 0.0
         self._reset_state()
 
     @property
@@ -293,16 +305,18 @@ class CacheRun:
         the band of the computed values' norms, makes its key fill with the last computed value for every
         conditioning of the evaluation (cond and uncond filled alike, so CFG does not amplify a difference).
         False when some value has no safe fill (its last computed value is not finite either)."""
-        times = self.policy_states.get(None)  # DiCache remaps the fill time; per-segment policies do not
-        self.prepared = {(k, u): self.forecasters[(k, u)].predict(
-            times.fill_time(u, self.sigma) if times else self.sigma) for k in keys for u in self.uuids}
-        checks = []
-        for slot, forecast in self.prepared.items():
-            norm = forecast.float().norm()
-            low, high = (bound.to(norm.device) for bound in self.norm_bands[slot])  # caches may be offloaded
-            checks.append(torch.isfinite(norm) & (norm <= GUARD_BAND * high) & (norm >= low / GUARD_BAND))
-        safe_flags = torch.stack(checks).tolist() if checks else []
-        unsafe = {slot[0] for slot, safe in zip(list(self.prepared), safe_flags) if not safe}
+        self._wait_for_offload()
+        slots = [(k, u) for k in keys for u in self.uuids]
+        if not slots:  # a scope with nothing to fill (per-segment decisions)
+            self.prepared = {}
+            return True
+        timing = self.policy_states.get(None)  # DiCache remaps the fill time; per-segment policies do not
+        times = [timing.fill_time(u, self.sigma) if timing else self.sigma for _, u in slots]
+        self.prepared = dict(zip(slots, predict_all([self.forecasters[slot] for slot in slots], times)))
+        norms = torch.stack([n.float() for n in torch._foreach_norm(list(self.prepared.values()), 2)])
+        bands = torch.stack([torch.stack(self.norm_bands[slot]).float() for slot in slots]).to(norms.device)
+        checks = torch.isfinite(norms) & (norms <= GUARD_BAND * bands[:, 1]) & (norms >= bands[:, 0] / GUARD_BAND)
+        unsafe = {slot[0] for slot, safe in zip(slots, checks.tolist()) if not safe}  # one synchronisation
         self.guarded_keys |= unsafe
         for slot in self.prepared:
             if slot[0] not in self.guarded_keys:
@@ -326,6 +340,8 @@ class CacheRun:
             ev.decision = PARTIAL
         reference = self.uuids.index(self.ref_uuid) if self.ref_uuid in self.uuids else -1
         index = self.tokens.select(features, self.uuids, ev.index, compute, partial, reference)
+        while self.tokens.notes:
+            self._note(self.tokens.notes.pop(0))
         self.account_tokens()
         return index
 
@@ -383,12 +399,15 @@ class CacheRun:
         if self.over_budget:
             return
         n = len(self.uuids)
+        storage = Storage(torch.device("cpu") if self.offloaded else None, CACHE_DTYPES[self.config.cache_dtype])
+        self.offload_pending |= storage.offloads and values.is_cuda
         for i, uuid in enumerate(self.uuids):
             forecaster = self.forecasters.get((key, uuid))
             if forecaster is None:
-                store_device = torch.device("cpu") if self.config.offload_to_cpu else None
-                forecaster = self.config.forecaster.new_state(store_device, grid_for(chunk(values, n, i), grid),
+                forecaster = self.config.forecaster.new_state(storage, grid_for(chunk(values, n, i), grid),
                                                               self.shared.setdefault(key, {}))
+                for _ in range(self.orders_lowered):
+                    forecaster.lower_order()
                 self.forecasters[(key, uuid)] = forecaster
             before = forecaster.nbytes
             value = chunk(values, n, i)
@@ -401,14 +420,37 @@ class CacheRun:
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes)
         budget = self.config.memory_budget_mb * 2**20
         if budget and self.cache_bytes > budget:
-            self._note(f"cache memory {format_bytes(self.cache_bytes)} exceeded the budget of "
-                       f"{format_bytes(budget)}: caching stopped for the rest of this run")
+            self._meet_budget(budget, values.is_cuda)
+
+    def _meet_budget(self, budget: float, on_gpu: bool) -> None:
+        """Over the memory budget: lower the forecaster order, then offload to CPU memory (from a GPU), then stop."""
+        used = self.cache_bytes
+        while self.cache_bytes > budget and any([f.lower_order() for f in self.forecasters.values()]):
+            self.orders_lowered += 1
+            self.cache_bytes = sum(f.nbytes for f in self.forecasters.values())
+        if self.cache_bytes <= budget:
+            self._note(f"cache memory {format_bytes(used)} exceeded the budget of {format_bytes(budget)}: forecaster "
+                       f"order lowered by {self.orders_lowered} ({format_bytes(self.cache_bytes)})")
+            return
+        if on_gpu and not self.offloaded:
+            self._note(f"cache memory {format_bytes(used)} exceeded the budget of {format_bytes(budget)} on the GPU: "
+                       "caches moved to CPU memory (they restart at the next computed evaluation)")
+            self.offloaded = True
+        else:
+            self._note(f"cache memory {format_bytes(used)} exceeded the budget of {format_bytes(budget)}: "
+                       "caching stopped for the rest of this run")
             self.over_budget = True
-            self.forecasters.clear()
-            self.norm_bands.clear()
-            self.shared.clear()
-            self.updated_at.clear()
-            self.cache_bytes = 0
+        self.forecasters.clear()
+        self.norm_bands.clear()
+        self.shared.clear()
+        self.updated_at.clear()
+        self.cache_bytes = 0
+
+    def _wait_for_offload(self) -> None:
+        """One wait for this evaluation's asynchronous copies to pinned memory, before the CPU reads them."""
+        if self.offload_pending:
+            torch.cuda.synchronize()
+            self.offload_pending = False
 
     def fill(self, key, like: torch.Tensor) -> torch.Tensor:
         """The checked forecast of `key` at the current sigma for every uuid of the call, batched like `like`."""
@@ -429,6 +471,31 @@ class CacheRun:
     def _note_once(self, message: str) -> None:
         if message not in self.notes:
             self._note(message)
+
+    # -- overhead ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def timed(self):
+        """Around an entry point of our code in a model call: its wall time, less `model_call`s, is overhead."""
+        started, self._model_s = time.perf_counter(), 0.0
+        try:
+            yield
+        finally:
+            if self.trace.evaluations:
+                index = self.trace.evaluations[-1].index
+                self.overhead_s[index] = self.overhead_s.get(index, 0.0) + time.perf_counter() - started - self._model_s
+
+    def model_call(self, function: Callable, *args, **kwargs):
+        """Run the model's own work (a block, the whole model) inside `timed`, excluded from the overhead."""
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self._model_s += time.perf_counter() - started
+
+    def _overhead_ms(self, filled: bool) -> Optional[float]:
+        chosen = [self.overhead_s.get(ev.index, 0.0) for ev in self.trace.evaluations
+                  if (ev.decision != COMPUTED) == filled]
+        return 1000.0 * sum(chosen) / len(chosen) if chosen else None
 
     # -- report --------------------------------------------------------------------------
     def _note(self, message: str) -> None:
@@ -466,7 +533,12 @@ class CacheRun:
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
             "peak_cache_bytes": self.peak_bytes + (self.cfg.nbytes if self.cfg else 0),
+            "cache_dtype": self.config.cache_dtype,
+            "orders_lowered": self.orders_lowered,
+            "offloaded": self.offloaded,
             "guarded_fills": self.guarded_fills,
+            "overhead_ms_per_cached_step": self._overhead_ms(filled=True),
+            "overhead_ms_per_computed_step": self._overhead_ms(filled=False),
             "notes": notes,
             "trace": self.trace.to_dict(),
         }

@@ -60,14 +60,12 @@ class TokenConfig:
             raise ValueError(f"gamma must be within [0, 1], got {self.gamma}")
 
     def count(self, tokens: int) -> int:
-        """Tokens recomputed out of `tokens`; checks that the cluster selection can spread them."""
-        n = max(1, min(tokens, round(self.ratio * tokens)))
-        if self.selection == CLUSTER and self.clusters > n:
-            raise ValueError(
-                f"Cache Token Ratio: clusters ({self.clusters}) is more than the tokens recomputed per partial "
-                f"evaluation ({n} = ratio {self.ratio:g} x {tokens} image tokens): lower 'clusters' to at most {n} "
-                "or raise 'ratio'")
-        return n
+        """Tokens recomputed out of `tokens`."""
+        return max(1, min(tokens, round(self.ratio * tokens)))
+
+    def clusters_for(self, tokens: int) -> int:
+        """ClusCa's cluster count: every cluster gets a recomputed token, so at most the tokens recomputed."""
+        return min(self.clusters, self.count(tokens))
 
     @property
     def label(self) -> str:
@@ -183,8 +181,19 @@ class TokenState:
     def __init__(self, config: TokenConfig):
         self.config = config
         self.memory: dict = {}  # uuid -> _Memory
-        self.labels: Optional[torch.Tensor] = None  # ClusCa clusters of the last computed evaluation
+        self.labels: dict = {}  # token count -> ClusCa clusters of the last computed call with that many tokens
         self.corrections: dict = {}  # (segment key, uuid) -> [1, N, C] correction of the fill's token rows
+        self.notes: list = []  # for the run's report (the engine takes them)
+        self.clusters_noted = False
+
+    def _clusters(self, tokens: int) -> int:
+        clusters = self.config.clusters_for(tokens)
+        if clusters < self.config.clusters and not self.clusters_noted:
+            self.clusters_noted = True
+            self.notes.append(f"Cache Token Ratio: {self.config.clusters} clusters but {clusters} tokens recomputed per "
+                              f"partial evaluation (ratio {self.config.ratio:g} x {tokens} image tokens): {clusters} "
+                              "clusters used; raise 'ratio' or lower 'clusters' to choose")
+        return clusters
 
     def partial_step(self, consecutive_fills: int) -> bool:
         """Whether a filled evaluation (the consecutive_fills-th since a compute) recomputes tokens."""
@@ -200,8 +209,7 @@ class TokenState:
                 self.memory[uuid] = _Memory(chunk.flatten(0, -2) if chunk.shape[0] == 1 else chunk.mean(0))
                 self.corrections = {k: v for k, v in self.corrections.items() if k[1] != uuid}
             if self.config.selection == CLUSTER and reference >= 0:
-                self.config.count(features.shape[1])  # fails early when the clusters cannot all be recomputed
-                self.labels = kmeans(chunks[reference][0], self.config.clusters)
+                self.labels[features.shape[1]] = kmeans(chunks[reference][0], self._clusters(features.shape[1]))
             return None
         if not partial:
             for uuid in uuids:
@@ -216,9 +224,10 @@ class TokenState:
         if self.config.selection == RANDOM:
             index = order[:n].sort().values
         elif self.config.selection == CLUSTER:
-            if self.labels is None:  # the computed evaluation did not see the reference conditioning
-                self.labels = kmeans(rows[0], self.config.clusters)
-            index = spread_over_clusters(self.labels, n, order)
+            labels = self.labels.get(tokens)
+            if labels is None:  # no computed call of this size saw the reference conditioning (regional prompts)
+                labels = self.labels[tokens] = kmeans(rows[0], self._clusters(tokens))
+            index = spread_over_clusters(labels, n, order)
         else:
             index = self._top_scores(rows, uuids, n)
         for uuid, row in zip(uuids, rows):
@@ -255,12 +264,13 @@ class TokenState:
         update = fresh - fill[:, index]
         change = None
         if self.config.selection == CLUSTER and self.config.gamma > 0:
-            k = int(self.labels.max()) + 1
-            chosen = self.labels[index]
+            labels = self.labels[fill.shape[1]]
+            k = int(labels.max()) + 1
+            chosen = labels[index]
             sums = torch.zeros(fill.shape[0], k, fill.shape[2], dtype=fill.dtype, device=fill.device)
             sums.index_add_(1, chosen, update)
             means = sums / torch.bincount(chosen, minlength=k).clamp_min(1).to(fill.dtype).view(1, k, 1)
-            change = self.config.gamma * means[:, self.labels]
+            change = self.config.gamma * means[:, labels]
             change[:, index] = 0
         correction = torch.zeros_like(fill) if change is None else change.clone()
         correction[:, index] = update

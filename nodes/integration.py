@@ -198,6 +198,7 @@ class _RunContext:
         self.call_has_control = False
         self.saw_references = False
         self.latent_shape: Optional[tuple] = None  # of the model call in progress (block sites)
+        self.sigma: Optional[float] = None  # of the model call in progress (block sites)
         self.patch = setup.adapter.patch_of(diffusion_model) if setup.adapter is not None else ()
         if setup.adapter is not None and setup.adapter.hook == SKIP_BRANCH:
             self.branch = SkipBranch(run, list(setup.layout), setup.config.site.probe_blocks)
@@ -285,22 +286,26 @@ def _current_sigma(transformer_options) -> float:
 def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
     """Whole-model site: caches the sampler's derivative eps = (x - denoised) / sigma, any architecture."""
     context: Optional[_RunContext] = transformer_options.get(RUN_KEY)
-    if context is None or bool((t == 0).any()) or context.foreign(transformer_options):
+    if context is None or context.foreign(transformer_options):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    timesteps = t.flatten().tolist()  # one host-device synchronisation for the zero check and the sigma
+    if 0.0 in timesteps:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     run = context.run
-    run.begin_call(_conditionings(transformer_options), float(t.flatten()[0]), x)
-    scale = t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-    if run.decide(["model"], lambda _kind: run.reference_chunk(x)):
-        denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        eps = (x - denoised) / scale
-        run.store("model", eps, TokenGrid(tuple(x.shape[2:]), channels_first=True) if x.ndim > 2 else None)
-        reference = run.reference_chunk(eps)
-        if reference is not None:
-            run.computed(reference, reference)
-        run.mark(0, COMPUTED)
-        return denoised
-    run.mark(0, run.fill_action)
-    return x - scale * run.fill("model", x)
+    with run.timed():
+        run.begin_call(_conditionings(transformer_options), timesteps[0], x)
+        scale = t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        if run.decide(["model"], lambda _kind: run.reference_chunk(x)):
+            denoised = run.model_call(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            eps = (x - denoised) / scale
+            run.store("model", eps, TokenGrid(tuple(x.shape[2:]), channels_first=True) if x.ndim > 2 else None)
+            reference = run.reference_chunk(eps)
+            if reference is not None:
+                run.computed(reference, reference)
+            run.mark(0, COMPUTED)
+            return denoised
+        run.mark(0, run.fill_action)
+        return x - scale * run.fill("model", x)
 
 
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, **kwargs):
@@ -353,7 +358,9 @@ def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, t
         context.saw_references = True
         context.run.notes.append("reference latents follow the image tokens: no image-token grid for these calls "
                                  "(frequency forecasts treat every row as high band)")
-    previous_shape, context.latent_shape = context.latent_shape, None if references else tuple(x.shape)
+    previous_call = context.latent_shape, context.sigma
+    context.latent_shape = None if references else tuple(x.shape)
+    context.sigma = _current_sigma(transformer_options)  # once per call (per block it would sync with a GPU)
     routed = []
     try:
         if context.setup.adapter.hook == FORWARD:
@@ -366,7 +373,7 @@ def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, t
             del block.forward
             if previous is not None:
                 block.forward = previous
-        context.latent_shape = previous_shape
+        context.latent_shape, context.sigma = previous_call
         _CALL_OPTIONS.reset(token)
 
 
@@ -374,8 +381,8 @@ def _run_through_engine(kind: str, index: int, args: dict, run_block, transforme
     context: Optional[_RunContext] = (transformer_options or {}).get(RUN_KEY)
     if context is None or context.blocks is None or context.foreign(transformer_options):
         return run_block(args)
-    return context.blocks(kind, index, args, run_block, _conditionings(transformer_options),
-                          _current_sigma(transformer_options))
+    sigma = context.sigma if context.sigma is not None else _current_sigma(transformer_options)
+    return context.blocks(kind, index, args, run_block, _conditionings(transformer_options), sigma)
 
 
 class BlockPatch:

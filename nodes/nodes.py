@@ -12,7 +12,7 @@ from comfy_api.latest import ComfyExtension, io
 
 import folder_paths
 
-from ..cache_core import (DEFAULT_METHOD, FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES,
+from ..cache_core import (CACHE_DTYPES, DEFAULT_METHOD, FORECASTER_KINDS, MAX_TAYLOR_ORDER, ORDERS, POLICIES,
                           RECOMMENDED_FORECASTER, RECOMMENDED_PROBE_BLOCKS, RECOMMENDED_SITE, SITE_KINDS,
                           TOKEN_SELECTIONS, CacheConfig, CacheRun, ForecasterConfig, Site, TokenConfig, make_policy)
 from .adapters import HostDrift
@@ -218,7 +218,9 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                 io.Combo.Input("cache_device", options=["compute", "cpu"], default="compute",
                                tooltip="Keep caches on the compute device, or offload them to CPU memory."),
                 io.Float.Input("memory_budget_mb", default=0.0, min=0.0, max=1e6, step=64.0,
-                               tooltip="Stop caching for the run if caches exceed this size (0: no limit)."),
+                               tooltip="Cache memory limit (0: none). Over it the run first lowers the forecaster "
+                                       "order, then moves caches to CPU memory (GPU runs), and only then stops "
+                                       "caching; the report says which."),
                 CachePolicy.Input("policy", optional=True,
                                   tooltip="Default: the recommended method ('default' of Cache Policy) at speed 0.5."),
                 CacheForecaster.Input("forecaster", optional=True,
@@ -226,6 +228,9 @@ class ApplyFeatureCacheNode(io.ComfyNode):
                                               "dicache: taylor 1 (its aligned fill)."),
                 CacheTokens.Input("tokens", optional=True,
                                   tooltip="Token-level partial recompute on filled evaluations (span or blocks site)."),
+                io.Combo.Input("cache_dtype", options=list(CACHE_DTYPES), default="auto", optional=True,
+                               tooltip="Storage dtype of cached values; forecast differences and sums stay float32. "
+                                       "auto: the model's dtype."),
                 io.Boolean.Input("cfg_cache", default=False, optional=True,
                                  tooltip="CFG-branch cache (FasterCache): with cfg > 1, the negative (unconditional) "
                                          "branch is computed only on every cfg_refresh-th computed step and filled "
@@ -242,7 +247,7 @@ class ApplyFeatureCacheNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, site, probe_blocks, corrector_blocks, cache_device, memory_budget_mb,
-                policy=None, forecaster=None, tokens=None, cfg_cache=False, cfg_refresh=3):
+                policy=None, forecaster=None, tokens=None, cache_dtype="auto", cfg_cache=False, cfg_refresh=3):
         site_config = _build(Site, kind=site, probe_blocks=probe_blocks if site != "model" else 0,
                              corrector_blocks=corrector_blocks if site != "model" else 0)
         policy = policy or make_policy(DEFAULT_METHOD)
@@ -251,7 +256,8 @@ class ApplyFeatureCacheNode(io.ComfyNode):
             forecaster = RECOMMENDED_FORECASTER if order is None else ForecasterConfig("taylor", order)
         config = _build(CacheConfig, policy=policy, forecaster=forecaster,
                         site=site_config, tokens=tokens, offload_to_cpu=cache_device == "cpu",
-                        memory_budget_mb=memory_budget_mb, cfg_refresh=cfg_refresh if cfg_cache else 0)
+                        memory_budget_mb=memory_budget_mb, cache_dtype=cache_dtype,
+                        cfg_refresh=cfg_refresh if cfg_cache else 0)
         try:
             return io.NodeOutput(install(model, config, CacheHandle(cls.hidden.unique_id)))
         except (ValueError, HostDrift) as error:  # raised before sampling (model, site, host), with what to do instead

@@ -38,7 +38,7 @@ class Case:
     graphs: list  # one cached graph per sample
     samples: list  # a label per graph, e.g. "label 0 seed 1"
     threads: int | None = 1  # torch threads while it runs; tiny models lose to threading overhead
-    fixed_only: bool = False  # random weights: adaptive policies would engage arbitrarily (design note 4)
+    fixed_only: bool = False  # random weights: a speed-only case (its records go to the speed table)
     repeats: int = 2  # interleaved uncached/cached pairs timed per setting
 
 

@@ -12,8 +12,8 @@ import torch
 from benchmarks import host as host_module
 from benchmarks.frontier import cases as frontier_cases
 from benchmarks.frontier.measure import SamplerClock, run_case
-from benchmarks.frontier.methods import (COMFY_NODES, DEFAULT_METHODS, QUICK_SPEEDS, SLICE_METHODS, SLICE_SPEEDS,
-                                         Param, build_methods, pack_methods, parse_sets,
+from benchmarks.frontier.methods import (COMFY_NODES, DEFAULT_METHODS, QUICK_SLICE_METHODS, QUICK_SPEEDS,
+                                         SLICE_METHODS, SLICE_SPEEDS, Param, build_methods, pack_methods, parse_sets,
                                          workflow_method_name)
 from benchmarks.frontier.peers import peer_methods
 from benchmarks.frontier.report import (error_summary, frontier_table, setting_text, versus_table, write_markdown,
@@ -118,10 +118,11 @@ def main(argv=None) -> int:
     if args.peers:
         peer_list, peer_commits = peer_methods(host, args.peers, case_ids, args.quick)
         methods += peer_list
-    # The slice has random weights: only fixed schedules mean the same there as on a real model.
+    # The slice measures speed only (random weights): every family of ours, at one speed.
     slice_speeds = QUICK_SPEEDS if args.quick else SLICE_SPEEDS
-    slice_methods = [m for m in build_methods(host, [n for n in args.methods or SLICE_METHODS if n not in COMFY_NODES],
-                                              args.quick, sets, speeds=slice_speeds) if m.fixed_schedule] + packs
+    slice_names = args.methods or (QUICK_SLICE_METHODS if args.quick else SLICE_METHODS)
+    slice_methods = build_methods(host, [n for n in slice_names if n not in COMFY_NODES],
+                                  args.quick, sets, speeds=slice_speeds) + packs
 
     def progress(record, seconds):
         detail = (f"{record['ideal_speedup']:.2f}x ideal, {record['wallclock_speedup']:.2f}x wall, "

@@ -115,7 +115,8 @@ def new_record(case, method: Method, setting: dict) -> dict:
                 setting=setting, status="ok",
                 error=None, samples=len(case.graphs), compute_fraction=None, report_fraction=None, flops=None,
                 flops_uncached=None, ideal_speedup=None, wallclock_speedup=None, efficiency=None, psnr=None, ssim=None,
-                latent_psnr=None, cache_bytes=None, sampler_seconds=None, sampler_seconds_uncached=None)
+                latent_psnr=None, cache_bytes=None, sampler_seconds=None, sampler_seconds_uncached=None,
+                overhead_ms_per_cached_step=None)
 
 
 def measure(host, case, method: Method, setting: dict, references: list, clock: SamplerClock) -> dict:
@@ -138,11 +139,14 @@ def measure(host, case, method: Method, setting: dict, references: list, clock: 
                 cache_bytes.append(run.report["peak_cache_bytes"])
             elif method.ours:
                 raise ValueError("the cached run produced no cache report")
-        cached_t, uncached_t = [], []
+        cached_t, uncached_t, overheads = [], [], []  # overheads from the timed runs (FLOP counting slows ops)
         for k in range(case.repeats):
             graph = case.graphs[k % len(case.graphs)]
             uncached_t.append(run_graph(host, graphs.without_cache(graph), clock).timing)
-            cached_t.append(run_graph(host, method.rewrite(graph, setting), clock).timing)
+            timed = run_graph(host, method.rewrite(graph, setting), clock)
+            cached_t.append(timed.timing)
+            if timed.report is not None and timed.report.get("overhead_ms_per_cached_step") is not None:
+                overheads.append(timed.report["overhead_ms_per_cached_step"])
         fraction = statistics.mean(fractions)
         u_seconds, c_seconds = _sampler_seconds(uncached_t, uncached_t), _sampler_seconds(cached_t, uncached_t)
         wallclock = u_seconds / c_seconds
@@ -153,7 +157,8 @@ def measure(host, case, method: Method, setting: dict, references: list, clock: 
                       efficiency=wallclock / ideal, sampler_seconds=c_seconds, sampler_seconds_uncached=u_seconds,
                       psnr=statistics.mean(f[0] for f in fidelity), ssim=statistics.mean(f[1] for f in fidelity),
                       latent_psnr=None if fidelity[0][2] is None else statistics.mean(f[2] for f in fidelity),
-                      cache_bytes=max(cache_bytes) if cache_bytes else None)
+                      cache_bytes=max(cache_bytes) if cache_bytes else None,
+                      overhead_ms_per_cached_step=statistics.median(overheads) if overheads else None)
     except Exception as error:  # a failing method or node is a result, not the end of the benchmark
         record.update(status="failed", error=failure_text(error))
     return record

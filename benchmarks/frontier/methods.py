@@ -28,8 +28,14 @@ QUICK_COMFY_THRESHOLDS = (0.2,)
 DEFAULT_METHODS = ("default", "fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@blocks", "teacache+reuse@span",
                    "teacache+taylor1@span", "teacache+taylor2@span", "first_block+reuse@span",
                    "easycache+reuse@model", *COMFY_NODES)
-SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks",
-                 "fixed+reuse@span+toca0.25", "fixed+reuse@span+clusca0.25")
+# Every family on the slice: fixed schedules, each forecaster, token recompute, the adaptive policies, the
+# default. On random weights an adaptive policy's decisions mean nothing for fidelity; its speed against its own
+# realised compute fraction (efficiency) and the time its indicator costs do.
+QUICK_SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks",
+                       "fixed+reuse@span+toca0.25", "fixed+reuse@span+clusca0.25")
+SLICE_METHODS = (*QUICK_SLICE_METHODS, "fixed+hicache@span", "fixed+ab2@span", "fixed+foca@span",
+                 "fixed+spectrum@span", "fixed+freqca@span", "fixed+hyca@span", "teacache+reuse@span",
+                 "easycache+reuse@model", "default")
 
 
 @dataclasses.dataclass
@@ -38,7 +44,6 @@ class Method:
     settings: list  # dicts of inputs, one per point of the sweep
     rewrite: Callable  # (cached case graph, setting) -> graph to run
     family: str  # "ours" (the run also reports its own compute fraction), "host" (built-in nodes) or "peer"
-    fixed_schedule: bool = False  # computes on a fixed schedule: meaningful on random weights
     case_settings: dict = dataclasses.field(default_factory=dict)  # case id -> settings, where --param is scoped
 
     @property
@@ -160,7 +165,7 @@ def our_method(host, name: str, speeds, sets: dict | None = None) -> Method:
 
     settings = [{f"{role}.{key}" if key != "speed" else key: value for (role, key), value in zip(sweep, combo)}
                 for combo in itertools.product(*sweep.values())]
-    return Method(name, settings, rewrite, "ours", fixed_schedule=method.fixed_schedule)
+    return Method(name, settings, rewrite, "ours")
 
 
 def failing_method(name: str, error: Exception, family: str = "ours") -> Method:

@@ -74,10 +74,6 @@ class OurMethod:
     def is_default(self) -> bool:
         return self.name == DEFAULT_NAME
 
-    @property
-    def fixed_schedule(self) -> bool:
-        return self.inputs.get("policy", {}).get("method") == "fixed"
-
 
 def grammar(host) -> str:
     policy = options(host, NODE_TYPES["policy"], "method")

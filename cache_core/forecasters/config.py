@@ -4,11 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import torch
-
 from ..grid import TokenGrid
 from .frequency import FrequencyForecaster
-from .history import Forecaster
+from .history import Forecaster, Storage
 from .hybrid import HybridForecaster, Selection
 from .polynomial import AdamsBashforthForecaster, FoCaForecaster, HermiteForecaster, TaylorForecaster
 from .spectrum import SpectrumForecaster
@@ -88,24 +86,25 @@ class ForecasterConfig:
     def from_dict(cls, data: dict) -> "ForecasterConfig":
         return cls(**data)
 
-    def new_state(self, store_device: Optional[torch.device] = None, grid: Optional[TokenGrid] = None,
+    def new_state(self, storage: Optional[Storage] = None, grid: Optional[TokenGrid] = None,
                   shared: Optional[dict] = None) -> Forecaster:
         """A fresh forecaster for one cached value of one conditioning; `grid` locates its image tokens (None:
-        unknown); `shared` is one dict per cached value, common to its forecasters of every conditioning."""
+        unknown); `storage` where and in which dtype it keeps values (None: as computed); `shared` is one dict
+        per cached value, common to its forecasters of every conditioning."""
         kind = self.kind
         if kind in ("reuse", "taylor"):
-            return TaylorForecaster(self.order, store_device)
+            return TaylorForecaster(self.order, storage)
         if kind == "hicache":
-            return HermiteForecaster(self.order, self.contraction, store_device)
+            return HermiteForecaster(self.order, self.contraction, storage)
         if kind == "ab":
-            return AdamsBashforthForecaster(self.order, store_device)
+            return AdamsBashforthForecaster(self.order, storage)
         if kind == "foca":
-            return FoCaForecaster(store_device)
+            return FoCaForecaster(storage)
         if kind == "spectrum":
-            return SpectrumForecaster(self.degree, self.ridge, store_device)
+            return SpectrumForecaster(self.degree, self.ridge, storage)
         if kind == "freqca":
-            return FrequencyForecaster(self.cutoff, self.contraction, grid, store_device)
+            return FrequencyForecaster(self.cutoff, self.contraction, grid, storage)
         candidates = {ForecasterConfig(k, o).label: ForecasterConfig(k, o, contraction=self.contraction).new_state(
-            store_device, grid) for k, o in HYBRID_CANDIDATES}
+            storage, grid) for k, o in HYBRID_CANDIDATES}
         selection = (shared if shared is not None else {}).setdefault("hyca", Selection())
         return HybridForecaster(candidates, self.groups, grid.feature_dim if grid is not None else -1, selection)

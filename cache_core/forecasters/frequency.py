@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..grid import TokenGrid
-from .history import Forecaster, nbytes, stored
+from .history import Forecaster, Storage, nbytes
 from .polynomial import HermiteForecaster
 
 HIGH_BAND_ORDER = 2
@@ -44,16 +44,16 @@ class FrequencyForecaster(Forecaster):
     """Low band: the newest computed one, reused. High band: Hermite (HiCache) order 2 in sigma."""
 
     def __init__(self, cutoff: float, contraction: float, grid: Optional[TokenGrid],
-                 store_device: Optional[torch.device] = None):
+                 storage: Optional[Storage] = None):
         self.cutoff = cutoff
         self.grid = grid
-        self.store_device = store_device
+        self.storage = storage or Storage()
         self.low: Optional[torch.Tensor] = None
-        self.high = HermiteForecaster(HIGH_BAND_ORDER, contraction, store_device)
+        self.high = HermiteForecaster(HIGH_BAND_ORDER, contraction, self.storage)
 
     def update(self, t: float, value: torch.Tensor) -> None:
         low, high = split_bands(value.detach(), self.grid, self.cutoff)
-        self.low = stored(low, self.store_device)
+        self.low = self.storage.keep(low, copy=False)
         self.high.update(t, high)
 
     @property
@@ -62,12 +62,15 @@ class FrequencyForecaster(Forecaster):
 
     def predict(self, t: float, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()
-        return self.low.to(device=device or self.low.device) + self.high.predict(t, device)
+        return self.low.to(device=device or self.low.device, dtype=self.high.dtype) + self.high.predict(t, device)
 
     def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()
-        return self.low.to(device=device or self.low.device) + self.high.latest(device)
+        return self.low.to(device=device or self.low.device, dtype=self.high.dtype) + self.high.latest(device)
 
     @property
     def nbytes(self) -> int:
         return (nbytes([self.low]) if self.low is not None else 0) + self.high.nbytes
+
+    def lower_order(self) -> bool:
+        return self.high.lower_order()

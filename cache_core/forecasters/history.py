@@ -6,9 +6,12 @@ replaces the older one, so no formula ever divides by a time difference of ~0.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ..kernels.forecast import combine_all
 
 RELATIVE_TIME_TOLERANCE = 1e-4
 
@@ -22,12 +25,39 @@ def repeated_index(times: list, t: float) -> Optional[int]:
     return next((i for i, s in enumerate(times) if same_time(s, t)), None)
 
 
-def stored(value: torch.Tensor, device: Optional[torch.device], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """A detached copy on the store device (cached tensors never alias the model's)."""
-    return value.detach().to(device=device or value.device, dtype=dtype or value.dtype, copy=True)
+@dataclass(frozen=True)
+class Storage:
+    """Where and in which dtype forecasters keep computed values (None: the value's own device / dtype).
+
+    `dtype` applies to values; differences and sums are kept in work_dtype whatever it is. A copy from a
+    GPU to the CPU goes to pinned memory asynchronously: arithmetic on kept values runs on the value's
+    device (stream-ordered), and the engine synchronises once before it reads kept values on the CPU.
+    """
+
+    device: Optional[torch.device] = None
+    dtype: Optional[torch.dtype] = None
+
+    @property
+    def offloads(self) -> bool:
+        return self.device is not None and self.device.type == "cpu"
+
+    def keep(self, value: torch.Tensor, dtype: Optional[torch.dtype] = None, copy: bool = True) -> torch.Tensor:
+        """`value` detached on the storage device, in `dtype` (default: the storage dtype); a copy (cached tensors
+        never alias the model's) unless copy=False and it is already there (a fresh intermediate)."""
+        device = self.device or value.device
+        dtype = dtype or self.dtype or value.dtype
+        if device.type == "cpu" and value.device.type == "cuda":
+            kept = torch.empty(value.shape, dtype=dtype, device=device, pin_memory=True)
+            return kept.copy_(value.detach().to(dtype), non_blocking=True)
+        return value.detach().to(device=device, dtype=dtype, copy=copy)
+
+    def holds(self, value: torch.Tensor) -> bool:
+        """Kept tensors live where `value` does (history tables can then be updated in place)."""
+        return self.device is None or self.device == value.device
 
 
 def nbytes(tensors) -> int:
+    """Bytes held by `tensors` (right on meta tensors too: the memory report runs the engine on them)."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -55,6 +85,33 @@ class Forecaster:
     def nbytes(self) -> int:
         raise NotImplementedError
 
+    def fused_terms(self, t: float) -> Optional[tuple]:
+        """(terms, weights, dtype) when the forecast at t is sum_j weights[j] * terms[j] returned in dtype (then
+        `predict_all` evaluates it fused with the others), else None."""
+        return None
+
+    def lower_order(self) -> bool:
+        """Forecast from one history entry less, freeing its memory (the memory budget's first step); False if
+        the forecaster cannot."""
+        return False
+
     def _require(self) -> None:
         if not self.ready:
             raise RuntimeError("forecast requested before any value was computed")
+
+
+def predict_all(forecasters: list, times: list) -> list:
+    """[f.predict(t) for f, t in zip(forecasters, times)], the weighted-sum forecasts evaluated in one fused pass."""
+    out: list = [None] * len(forecasters)
+    fused = {}
+    for i, (forecaster, t) in enumerate(zip(forecasters, times)):
+        terms = forecaster.fused_terms(t)
+        if terms is None:
+            out[i] = forecaster.predict(t)
+        else:
+            fused[i] = terms
+    if fused:
+        tables, weights, dtypes = zip(*fused.values())
+        for i, forecast in zip(fused, combine_all(list(tables), list(weights), list(dtypes))):
+            out[i] = forecast
+    return out

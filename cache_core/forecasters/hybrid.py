@@ -37,7 +37,8 @@ class HybridForecaster(Forecaster):
     def _group_errors(self, predicted: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         squared = (predicted.float() - value.float()).pow(2)
         parts = torch.tensor_split(squared, self.groups, dim=self.feature_dim)
-        return torch.stack([p.mean() for p in parts]).double().cpu()
+        errors = torch.stack([p.mean() for p in parts]).double()
+        return errors if errors.is_meta else errors.cpu()  # meta: the memory report's accounting run
 
     def update(self, t: float, value: torch.Tensor) -> None:
         self.groups = max(1, min(self.groups, value.shape[self.feature_dim]))
@@ -87,3 +88,6 @@ class HybridForecaster(Forecaster):
     @property
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.candidates.values())
+
+    def lower_order(self) -> bool:
+        return any([f.lower_order() for f in self.candidates.values()])

@@ -10,7 +10,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .history import Forecaster, nbytes, repeated_index, stored
+from ..kernels.forecast import combine, newton_update_, work_dtype
+from .history import Forecaster, Storage, nbytes, repeated_index
 
 
 class TaylorForecaster(Forecaster):
@@ -22,9 +23,9 @@ class TaylorForecaster(Forecaster):
     Differences above order 0 are kept in float32: they grow like 1/dt^j and overflow half precision.
     """
 
-    def __init__(self, order: int, store_device: Optional[torch.device] = None):
+    def __init__(self, order: int, storage: Optional[Storage] = None):
         self.order = order
-        self.store_device = store_device
+        self.storage = storage or Storage()
         self.times: list[float] = []  # newest first
         self.diffs: list[torch.Tensor] = []  # diffs[j] = f[t_0, ..., t_j] (newest first)
         self.dtype: Optional[torch.dtype] = None
@@ -34,33 +35,51 @@ class TaylorForecaster(Forecaster):
         if repeated is not None:  # diffs[j] involves t_0..t_j only: the points newer than the repeat stay valid
             self.times, self.diffs = self.times[:repeated], self.diffs[:repeated]
         self.dtype = value.dtype
-        precision = torch.promote_types(value.dtype, torch.float32) if self.order > 0 else value.dtype
-        new_diffs = [stored(value, self.store_device, precision)]
-        for j in range(1, min(self.order, len(self.diffs)) + 1):
-            new_diffs.append((new_diffs[j - 1] - self.diffs[j - 1]) / (t - self.times[j - 1]))
-        self.diffs = new_diffs
+        steps = [t - s for s in self.times]
+        if len(self.diffs) == self.order + 1 and self.storage.holds(value):  # a full table: update it in place
+            self.diffs = newton_update_(self.diffs, value.detach(), steps)
+        else:  # the value itself in the storage dtype, differences in float32, computed on the value's device
+            new_diffs = [self.storage.keep(value)]
+            current = value.detach().to(work_dtype(value.dtype))
+            for j in range(1, min(self.order, len(self.diffs)) + 1):
+                current = (current - self.diffs[j - 1].to(value.device)) / steps[j - 1]
+                new_diffs.append(self.storage.keep(current, current.dtype, copy=False))
+            self.diffs = new_diffs
         self.times = ([t] + self.times)[: self.order + 1]
 
     @property
     def ready(self) -> bool:
         return bool(self.diffs)
 
+    def weights(self, t: float) -> list:
+        """Scalar weight of each divided difference in the forecast at t (Newton: prod_{i<j} (t - t_i))."""
+        weights = [1.0]
+        for j in range(1, len(self.diffs)):
+            weights.append(weights[-1] * (t - self.times[j - 1]))
+        return weights
+
     def predict(self, t: float, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()
-        out = self.diffs[0].clone()
-        weight = 1.0
-        for j in range(1, len(self.diffs)):
-            weight *= t - self.times[j - 1]
-            out.add_(self.diffs[j], alpha=weight)
-        return out.to(device=device or out.device, dtype=self.dtype)
+        return combine(self.diffs, self.weights(t), device, self.dtype)
+
+    def fused_terms(self, t: float) -> Optional[tuple]:
+        self._require()
+        return self.diffs, self.weights(t), self.dtype
 
     def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()
-        return self.diffs[0].to(device=device or self.diffs[0].device, dtype=self.dtype)
+        return self.diffs[0].to(device=device or self.diffs[0].device, dtype=self.dtype, copy=True)  # updated in place
 
     @property
     def nbytes(self) -> int:
         return nbytes(self.diffs)
+
+    def lower_order(self) -> bool:
+        if self.order == 0:
+            return False
+        self.order -= 1
+        self.times, self.diffs = self.times[: self.order + 1], self.diffs[: self.order + 1]
+        return True
 
 
 def _newton_to_taylor(offsets: list) -> list:
@@ -92,8 +111,8 @@ class HermiteForecaster(TaylorForecaster):
     The c_k are those of the Newton polynomial (TaylorForecaster), so Taylor is sum_k c_k (t - t_0)^k.
     """
 
-    def __init__(self, order: int, contraction: float, store_device: Optional[torch.device] = None):
-        super().__init__(order, store_device)
+    def __init__(self, order: int, contraction: float, storage: Optional[Storage] = None):
+        super().__init__(order, storage)
         self.contraction = contraction
 
     def weights(self, t: float) -> list:
@@ -107,20 +126,13 @@ class HermiteForecaster(TaylorForecaster):
         rows = _newton_to_taylor([s - t0 for s in self.times[:n - 1]])
         return [1.0] + [sum(row[k] * basis[k] for k in range(1, len(row))) for row in rows[1:]]
 
-    def predict(self, t: float, device: Optional[torch.device] = None) -> torch.Tensor:
-        self._require()
-        out = self.diffs[0].clone()
-        for weight, diff in zip(self.weights(t)[1:], self.diffs[1:]):
-            out.add_(diff, alpha=weight)
-        return out.to(device=device or out.device, dtype=self.dtype)
-
 
 class ValueHistory(Forecaster):
     """The last `capacity` computed values (in their own dtype); a forecast is a weighted sum of them."""
 
-    def __init__(self, capacity: int, store_device: Optional[torch.device] = None):
+    def __init__(self, capacity: int, storage: Optional[Storage] = None):
         self.capacity = capacity
-        self.store_device = store_device
+        self.storage = storage or Storage()
         self.times: list[float] = []  # newest first
         self.values: list[torch.Tensor] = []
 
@@ -128,8 +140,9 @@ class ValueHistory(Forecaster):
         repeated = repeated_index(self.times, t)
         if repeated is not None:
             del self.times[repeated], self.values[repeated]
+        self.dtype = value.dtype  # forecasts come back in it, whatever the storage dtype
         self.times = ([t] + self.times)[: self.capacity]
-        self.values = ([stored(value, self.store_device)] + self.values)[: self.capacity]
+        self.values = ([self.storage.keep(value)] + self.values)[: self.capacity]
 
     @property
     def ready(self) -> bool:
@@ -142,16 +155,18 @@ class ValueHistory(Forecaster):
         self._require()
         known = repeated_index(self.times, t)
         if known is not None:  # a computed point: its value (no formula divides by t - t_i ~ 0)
-            return self.values[known].to(device=device or self.values[known].device, copy=True)
-        values = self.values
-        out = values[0].to(torch.promote_types(values[0].dtype, torch.float32)) * 0.0
-        for weight, value in zip(self.weights(t), values):
-            out.add_(value, alpha=weight)
-        return out.to(device=device or out.device, dtype=values[0].dtype)
+            return self.values[known].to(device=device or self.values[known].device, dtype=self.dtype, copy=True)
+        return combine(self.values, self.weights(t), device, self.dtype)
+
+    def fused_terms(self, t: float) -> Optional[tuple]:
+        self._require()
+        if repeated_index(self.times, t) is not None:  # a computed point: predict returns its value
+            return None
+        return self.values, self.weights(t), self.dtype
 
     def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()
-        return self.values[0].to(device=device or self.values[0].device, copy=True)
+        return self.values[0].to(device=device or self.values[0].device, dtype=self.dtype, copy=True)
 
     @property
     def nbytes(self) -> int:
@@ -179,11 +194,18 @@ class AdamsBashforthForecaster(ValueHistory):
     (half the memory of float32 differences in half precision) and combined with float64 weights.
     """
 
-    def __init__(self, order: int, store_device: Optional[torch.device] = None):
-        super().__init__(order, store_device)
+    def __init__(self, order: int, storage: Optional[Storage] = None):
+        super().__init__(order, storage)
 
     def weights(self, t: float) -> list:
         return lagrange_weights(self.times, t)
+
+    def lower_order(self) -> bool:
+        if self.capacity == 1:
+            return False
+        self.capacity -= 1
+        self.times, self.values = self.times[: self.capacity], self.values[: self.capacity]
+        return True
 
 
 def _slope_at_first(times: list, values: list):
@@ -204,8 +226,8 @@ class FoCaForecaster(ValueHistory):
     on a uniform grid), which keeps long strides stable where a quadratic extrapolation overshoots.
     """
 
-    def __init__(self, store_device: Optional[torch.device] = None):
-        super().__init__(3, store_device)
+    def __init__(self, storage: Optional[Storage] = None):
+        super().__init__(3, storage)
 
     def weights(self, t: float) -> list:
         n = len(self.values)

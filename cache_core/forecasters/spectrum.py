@@ -11,7 +11,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .history import Forecaster, nbytes, stored
+from ..kernels.forecast import work_dtype
+from .history import Forecaster, Storage, nbytes
 
 
 def chebyshev(x: float, degree: int) -> np.ndarray:
@@ -30,10 +31,10 @@ class SpectrumForecaster(Forecaster):
     point: least squares averages it, nothing divides by a time difference.
     """
 
-    def __init__(self, degree: int, ridge: float, store_device: Optional[torch.device] = None):
+    def __init__(self, degree: int, ridge: float, storage: Optional[Storage] = None):
         self.degree = degree
         self.ridge = ridge
-        self.store_device = store_device
+        self.storage = storage or Storage()
         self.scale: Optional[float] = None
         self.count = 0
         self.gram = np.zeros((degree + 1, degree + 1))
@@ -48,13 +49,17 @@ class SpectrumForecaster(Forecaster):
             self.scale = max(abs(t), 1e-6)
         phi = self._features(t)
         self.gram += np.outer(phi, phi)
-        work = stored(value, self.store_device, torch.promote_types(value.dtype, torch.float32))
+        work = value.detach().to(work_dtype(value.dtype))
         if not self.moments:
-            self.moments = [work * float(p) for p in phi]
-        else:
+            self.moments = [self.storage.keep(work * float(p), work.dtype, copy=False) for p in phi]
+        elif self.storage.holds(value):
             for moment, p in zip(self.moments, phi):
                 moment.add_(work, alpha=float(p))
-        self.newest = stored(value, self.store_device)
+        else:  # offloaded: add on the value's device, keep the sums
+            self.moments = [self.storage.keep(moment.to(value.device).add_(work, alpha=float(p)), work.dtype,
+                                              copy=False) for moment, p in zip(self.moments, phi)]
+        self.newest = self.storage.keep(value)
+        self.dtype = value.dtype  # forecasts come back in it, whatever the storage dtype
         self.count += 1
 
     @property
@@ -72,11 +77,11 @@ class SpectrumForecaster(Forecaster):
         out = self.moments[0] * 0.0
         for weight, moment in zip(self.weights(t), self.moments):
             out.add_(moment, alpha=float(weight))
-        return out.to(device=device or out.device, dtype=self.newest.dtype)
+        return out.to(device=device or out.device, dtype=self.dtype)
 
     def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
         self._require()
-        return self.newest.to(device=device or self.newest.device, copy=True)
+        return self.newest.to(device=device or self.newest.device, dtype=self.dtype, copy=True)
 
     @property
     def nbytes(self) -> int:

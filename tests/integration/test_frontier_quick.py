@@ -12,7 +12,7 @@ from benchmarks.host import REPO_ROOT
 
 FIELDS = ("model", "case", "case_id", "method", "family", "setting", "status", "error", "compute_fraction",
           "report_fraction", "flops", "flops_uncached", "ideal_speedup", "wallclock_speedup", "efficiency", "psnr",
-          "ssim", "cache_bytes")
+          "ssim", "cache_bytes", "overhead_ms_per_cached_step")
 
 # A throwaway pack: one MODEL->MODEL node that changes nothing, one that fails.
 PACK = textwrap.dedent('''
@@ -74,6 +74,8 @@ def test_quick_run(host, tmp_path):
         assert r["flops"] <= r["flops_uncached"]
         assert r["psnr"] > 0 and -1 <= r["ssim"] <= 1
     assert all(r["cache_bytes"] is not None and r["report_fraction"] is not None for r in ok if r["family"] == "ours")
+    slice_ours = [r for r in ok if r["case_id"] == "slice" and r["family"] == "ours"]
+    assert slice_ours and all(r["overhead_ms_per_cached_step"] > 0 and r["efficiency"] > 0 for r in slice_ours)
     with open(os.path.join(out, "frontier.md")) as f:
         table = f.read()
     assert "best PSNR ≥5×" in table and "| ≥4× |" in table

@@ -222,6 +222,30 @@ def test_memory_budget_stops_caching_and_says_so():
     assert "budget" in run.report()["notes"][0]
 
 
+def test_memory_budget_lowers_the_forecaster_order_before_it_stops_caching():
+    # span site, 2 uuids: 144 values each; taylor order 2 holds 12 bytes per value (fp32 model), order 1 holds 8
+    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span"),
+                         forecaster=ForecasterConfig("taylor", 2), memory_budget_mb=2500 / 2**20)
+    _, run, _ = sample(config)
+    report = run.report()
+    assert report["orders_lowered"] == 1 and not run.over_budget
+    assert 2500 < run.peak_bytes <= 288 * 12 and run.cache_bytes == 288 * 8
+    assert any(ev.decision == FORECAST for ev in run.trace.evaluations)
+    assert "order lowered by 1" in report["notes"][0]
+
+
+@pytest.mark.parametrize("cache_dtype, value_bytes", [("auto", 4), ("fp32", 4), ("bf16", 2), ("fp16", 2)])
+def test_cache_dtype_stores_values_in_it_and_differences_in_float32(cache_dtype, value_bytes):
+    config = CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span"),
+                         forecaster=ForecasterConfig("taylor", 1), cache_dtype=cache_dtype)
+    outs, run, _ = sample(config)
+    assert run.peak_bytes == 288 * (value_bytes + 4)
+    reference, _, _ = sample(CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span"),
+                                         forecaster=ForecasterConfig("taylor", 1)))
+    for a, b in zip(outs, reference):
+        assert torch.allclose(a, b, rtol=0.02, atol=0.02)
+
+
 def test_cpu_offload_keeps_results():
     base, _, _ = sample(CacheConfig(policy=FixedInterval(interval=2), site=Site("span")))
     offload, run, _ = sample(CacheConfig(policy=FixedInterval(interval=2), site=Site("span"), offload_to_cpu=True))
@@ -297,10 +321,16 @@ def _two_uuid_run(forecaster=ForecasterConfig("taylor", 1), fill_call=("c", "u")
     return run
 
 
+def _force_forecast(forecaster, value: float) -> None:
+    """Make `forecaster` forecast a constant (through predict: no fused evaluation for it)."""
+    forecaster.predict = lambda t, device=None: torch.full((1, 3), value)
+    forecaster.fused_terms = lambda t: None
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 10.0, 0.01])
 def test_guard_replaces_a_non_finite_or_overshooting_forecast_by_the_last_computed_value(bad):
     run = _two_uuid_run()
-    run.forecasters[("model", "u")].predict = lambda t, device=None: torch.full((1, 3), bad)
+    _force_forecast(run.forecasters[("model", "u")], bad)
     assert not run.decide(["model"], lambda kind: None)
     filled = run.fill("model", torch.zeros(2, 3))
     # both conditionings reuse the value computed at 0.8 (c's line through (1, 1), (0.8, 2) would give 3):
@@ -312,7 +342,7 @@ def test_guard_replaces_a_non_finite_or_overshooting_forecast_by_the_last_comput
 
 def test_guard_keeps_the_fallback_for_the_later_calls_of_the_evaluation():
     run = _two_uuid_run(fill_call=("c",))  # cond and uncond in separate calls: c's forecast overshoots
-    run.forecasters[("model", "c")].predict = lambda t, device=None: torch.full((1, 3), 50.0)
+    _force_forecast(run.forecasters[("model", "c")], 50.0)
     assert not run.decide(["model"], lambda kind: None)
     assert torch.equal(run.fill("model", torch.zeros(1, 3)), torch.full((1, 3), 2.0))
     run.begin_call(["u"], 0.6, torch.zeros(1, 3))
@@ -333,3 +363,34 @@ def test_a_plausible_forecast_passes_the_guard_unchanged():
     assert not run.decide(["model"], lambda kind: None)
     assert torch.allclose(run.fill("model", torch.zeros(2, 3)), torch.full((2, 3), 3.0))
     assert run.report()["guarded_fills"] == 0
+
+
+def test_overhead_counts_our_code_and_excludes_the_model(monkeypatch):
+    """A fake clock: each reading advances it 1 ms, each block call 10 s. Model time must not leak into the
+    overhead, and every evaluation records some."""
+    import cache_core.engine as engine
+
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1e-3
+        return clock[0]
+
+    monkeypatch.setattr(engine.time, "perf_counter", perf_counter)
+    model = TinyDiT()
+    block = model._block
+
+    def slow_block(kind, i, sigma):
+        run = block(kind, i, sigma)
+
+        def timed(args):
+            clock[0] += 10.0
+            return run(args)
+        return timed
+
+    model._block = slow_block
+    _, run, _ = sample(CacheConfig(policy=FixedInterval(interval=2, warmup_steps=0), site=Site("span")), model=model)
+    report = run.report()
+    assert 0 < report["overhead_ms_per_cached_step"] < 500
+    assert 0 < report["overhead_ms_per_computed_step"] < 500
+    assert set(run.overhead_s) == {ev.index for ev in run.trace.evaluations}

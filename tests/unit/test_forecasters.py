@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cache_core import ForecasterConfig, TaylorForecaster
+from cache_core.forecasters.history import Storage
 
 
 def _poly(coeffs, t):
@@ -54,11 +55,12 @@ def test_stored_values_are_copies():
     assert torch.equal(f.predict(0.9), torch.ones(3))
 
 
-def test_memory_accounting_counts_each_held_difference():
-    f = TaylorForecaster(2)
+@pytest.mark.parametrize("dtype, value_bytes", [(None, 2), (torch.float32, 4), (torch.bfloat16, 2)])
+def test_memory_accounting_counts_each_held_difference(dtype, value_bytes):
+    f = TaylorForecaster(2, Storage(dtype=dtype))
     for t in (1.0, 0.9, 0.8, 0.7):
         f.update(t, torch.zeros(10, dtype=torch.float16))
-    assert f.nbytes == 3 * 10 * 4  # three float32 differences
+    assert f.nbytes == 10 * (value_bytes + 2 * 4)  # the value in the storage dtype, two float32 differences
 
 
 def test_predict_before_update_is_an_error():

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from cache_core import (BlockRunner, CacheConfig, CacheRun, CfgBranchCache, Delta, FixedInterval, ForecasterConfig,
+from cache_core import (CacheConfig, CacheRun, CfgBranchCache, Delta, FixedInterval, ForecasterConfig,
                         Foresight, Site, SpeCa, COMPUTED, REJECTED, REUSED, FORECAST)
 from cache_core.policies import Scope
-from test_engine import LAYOUT, SIGMAS, STREAMS, TinyDiT, _inputs, sample
+from test_engine import LAYOUT, SIGMAS, STREAMS, TinyDiT, sample
 
 
 def _scope(position, count=2):

@@ -1,0 +1,101 @@
+"""The fused reference ops against the unfused per-tensor code they replace."""
+import pytest
+import torch
+
+from cache_core.forecasters.polynomial import TaylorForecaster
+from cache_core.kernels.forecast import combine, combine_all, newton_update_
+
+
+def _table(g, length, dtype, shape=(3, 5)):
+    head = torch.randn(shape, generator=g).to(dtype)
+    return [head] + [torch.randn(shape, generator=g) for _ in range(length - 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_all_equals_one_combine_per_tensor(dtype):
+    g = torch.Generator().manual_seed(0)
+    tables = [_table(g, n, dtype) for n in (1, 2, 3, 3, 4)]
+    shared = [1.0, -0.3, 0.07, -0.01]
+    weights = [shared, shared, [0.5, 2.0, -1.0], shared, [1.0, 0.2, 0.3, 0.4]]  # shared and own weights
+    fused = combine_all(tables, weights, [dtype] * len(tables))
+    for table, w, out in zip(tables, weights, fused):
+        unfused = table[0].float() * w[0]
+        for weight, term in zip(w[1:], table[1:]):
+            unfused = unfused + weight * term.float()
+        assert out.dtype == dtype
+        assert torch.allclose(out.float(), unfused.to(dtype).float(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(out, combine(table, w, None, dtype))
+
+
+def _divided_differences(times, values):
+    """f[t_0..t_j] for j = 0..n-1 by the textbook table (times newest first)."""
+    column, out = list(values), [values[0]]
+    for j in range(1, len(times)):
+        column = [(column[i] - column[i + 1]) / (times[i] - times[i + j]) for i in range(len(column) - 1)]
+        out.append(column[0])
+    return out
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_in_place_newton_update_equals_the_divided_difference_table(order):
+    g = torch.Generator().manual_seed(order)
+    times = [1.0, 0.83, 0.61, 0.47, 0.3, 0.2][: order + 2]  # newest last below
+    values = [torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in times]
+    table = _divided_differences(times[:order + 1][::-1], values[:order + 1][::-1])
+    buffers = [d.clone() for d in table]
+    steps = [times[order + 1] - s for s in times[:order + 1][::-1]]
+    updated = newton_update_(buffers, values[order + 1], steps)
+    expected = _divided_differences(times[1:][::-1], values[1:][::-1])
+    assert len(updated) == order + 1
+    assert {id(b) for b in updated} == {id(b) for b in buffers}  # no new buffer
+    for got, want in zip(updated, expected):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_taylor_updated_in_place_forecasts_as_one_built_from_its_last_points(dtype):
+    """Updates after the table is full run in place; a forecaster fed only the last order+1 points builds its
+    table by copies: both hold the same differences and forecast the same."""
+    g = torch.Generator().manual_seed(3)
+    times = (1.0, 0.8, 0.65, 0.5, 0.38)
+    values = [torch.randn(2, 4, generator=g).to(dtype) for _ in times]
+    long, fresh = TaylorForecaster(2), TaylorForecaster(2)
+    for t, v in zip(times, values):
+        long.update(t, v)
+    for t, v in zip(times[-3:], values[-3:]):
+        fresh.update(t, v)
+    assert [d.dtype for d in long.diffs] == [dtype, torch.float32, torch.float32]
+    for a, b in zip(long.diffs, fresh.diffs):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(long.predict(0.3).float(), fresh.predict(0.3).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_predict_all_equals_each_forecasters_own_predict():
+    from cache_core import ForecasterConfig
+    from cache_core.forecasters.history import predict_all
+
+    g = torch.Generator().manual_seed(5)
+    configs = [ForecasterConfig("taylor", 2), ForecasterConfig("hicache"), ForecasterConfig("ab", 3),
+               ForecasterConfig("foca"), ForecasterConfig("spectrum"), ForecasterConfig("reuse")]
+    forecasters = [c.new_state() for c in configs]
+    for t in (1.0, 0.85, 0.7, 0.55):
+        for f in forecasters:
+            f.update(t, torch.randn(3, 4, generator=g).to(torch.bfloat16))
+    for target in (0.4, 0.55):  # 0.55: a computed point (AB/FoCa return its value)
+        together = predict_all(forecasters, [target] * len(forecasters))
+        for f, forecast in zip(forecasters, together):
+            alone = f.predict(target)
+            assert forecast.dtype == alone.dtype and torch.allclose(forecast.float(), alone.float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["reuse", "taylor", "hicache", "ab", "foca", "spectrum", "freqca", "hyca"])
+def test_forecasts_come_back_in_the_values_dtype_whatever_the_storage_dtype(kind):
+    from cache_core import ForecasterConfig, TokenGrid
+    from cache_core.forecasters.history import Storage
+
+    g = torch.Generator().manual_seed(7)
+    f = ForecasterConfig(kind).new_state(Storage(dtype=torch.float32), TokenGrid((2, 2)))
+    for t in (1.0, 0.85, 0.7, 0.55, 0.4):
+        f.update(t, torch.randn(1, 4, 8, generator=g).to(torch.bfloat16))
+    for target in (0.3, 0.4):
+        assert f.predict(target).dtype == torch.bfloat16 and f.latest().dtype == torch.bfloat16
