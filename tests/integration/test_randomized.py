@@ -277,7 +277,9 @@ def run_example(example, ctx) -> None:
     except (ValueError, NotImplementedError) as error:  # a refused combination must say why, as the node does
         assert str(error).startswith("Feature cache:"), f"unclear error: {error}"
         return
-    speed_zero = example["policy"].get("speed") == 0.0 and example["policy"].get("threshold", -1.0) < 0
+    # speed 0 computes every step; the CFG-branch cache is its own switch (it fills the negative branch at any speed)
+    speed_zero = (example["policy"].get("speed") == 0.0 and example["policy"].get("threshold", -1.0) < 0
+                  and not example["apply"].get("cfg_cache"))
     fresh_needed = False
     for number, run in enumerate(example["runs"]):
         if not _schedule_is_finite(base, run):  # the host's own schedule is NaN (kl_optimal with 1 step)
