@@ -62,6 +62,10 @@ class CacheConfig:
         if (policy.per_segment or policy.verifies) and not self.site.uses_blocks:
             what = "decides per block" if policy.per_segment else "verifies its drafts on one computed block"
             raise ValueError(f"the '{policy.method}' policy {what}: set the site to 'blocks' (or 'span'), not 'model'")
+        if policy.verifies and self.tokens is not None:
+            raise ValueError(f"the '{policy.method}' policy verifies whole drafted steps, which token-level recompute "
+                             "would only partly compute: disconnect the tokens input or choose another Cache Policy "
+                             "method")
         if self.cfg_refresh == 1 or self.cfg_refresh < 0:
             raise ValueError(f"cfg_refresh must be 0 (off) or >= 2 (both branches computed every N steps), "
                              f"got {self.cfg_refresh}")

@@ -164,3 +164,9 @@ def test_cfg_filled_evaluations_count_half_in_the_compute_fraction():
 def test_unusable_combinations_raise_before_sampling(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_verified_drafts_refuse_token_recompute():
+    from cache_core import TokenConfig
+    with pytest.raises(ValueError, match="disconnect the tokens input"):
+        CacheConfig(policy=SpeCa(), site=Site("blocks"), tokens=TokenConfig())
