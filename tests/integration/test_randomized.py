@@ -14,7 +14,7 @@ then an exception or an interrupt in the middle of a run. After every run it che
 - the report's counts match the model and block calls actually made (forward hooks);
 - no tensor the run held (caches, indicators) is still alive afterwards (weak references).
 
-Environment: FC_RELIABILITY_SEED (default: a new seed, printed), FC_RELIABILITY_EXAMPLES (default
+Environment: FC_RELIABILITY_SEED (default: a new seed, printed; in CI the pinned CI_SEED; 'random' forces a new one), FC_RELIABILITY_EXAMPLES (default
 200), FC_RELIABILITY_ONLY (example indices such as 7, 3,7 or 100-199, to replay a failure). A failure prints the example's
 settings and the command that replays it.
 """
@@ -47,8 +47,18 @@ class InjectedFailure(RuntimeError):
     pass
 
 
+# CI draws this seed so that a landing is reproducible; locally every run draws a new seed (or
+# FC_RELIABILITY_SEED=random in CI) to explore. A seed that finds a bug is replayed, fixed, and the suite rerun.
+CI_SEED = 1697923900
+
+
 def _seed() -> int:
-    return int(os.environ.get("FC_RELIABILITY_SEED") or random.SystemRandom().randrange(2**31))
+    value = os.environ.get("FC_RELIABILITY_SEED", "")
+    if value and value != "random":
+        return int(value)
+    if not value and os.environ.get("CI"):
+        return CI_SEED
+    return random.SystemRandom().randrange(2**31)
 
 
 # -- drawing settings from the nodes' schemas --------------------------------------------------------
