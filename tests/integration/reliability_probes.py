@@ -62,7 +62,9 @@ def check_report_against_calls(report: dict, calls: list, cached_rows: list) -> 
     evaluations = report["trace"]["evaluations"]
     rows = report["trace"]["rows"]
     policy = POLICIES.get(report["method"])
-    per_block = policy is not None and policy.per_segment
+    # per-block policies fill some segments of an evaluation and compute others; a verifying one (SpeCa) runs
+    # its verified block on a filled evaluation
+    per_block = policy is not None and (policy.per_segment or policy.verifies)
     assert report["evaluations"] == len(evaluations)
     assert report["evaluations_computed"] == sum(e["decision"] == "computed" for e in evaluations)
     assert report["evaluations_filled"] == sum(e["decision"] != "computed" for e in evaluations)  # partial included
@@ -79,7 +81,7 @@ def check_report_against_calls(report: dict, calls: list, cached_rows: list) -> 
             computed_rows = [g for g in cached_rows if e["actions"][g] in RAN]
             if e["decision"] in RAN:
                 assert computed_rows, f"evaluation {e['index']} is reported {e['decision']} but ran no cached row"
-            elif not per_block:  # per-block policies fill some segments of an evaluation and compute others
+            elif not per_block:
                 assert not computed_rows, f"evaluation {e['index']} is reported filled but computed rows {computed_rows}"
         if rows == ["model"]:
             any_computed = any(e["decision"] in RAN for e in evs)
