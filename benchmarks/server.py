@@ -6,6 +6,7 @@ fixture pack, so nothing is copied or installed into the host. Used by the serve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -30,9 +31,20 @@ def get(url: str, timeout: float = 10):
         return response.status, response.read()
 
 
+@dataclasses.dataclass
+class RunningServer:
+    url: str
+    base: str
+    process: subprocess.Popen
+
+    def get(self, path: str, timeout: float = 10):
+        """(status, body) of GET url + path."""
+        return get(self.url + path, timeout)
+
+
 @contextlib.contextmanager
 def running_server(base: str, diffusion_models: dict | None = None, settings: dict | None = None):
-    """Starts the host on a free port with `base` as its base directory; yields its URL.
+    """Starts the host on a free port with `base` as its base directory; yields it as a RunningServer.
 
     `diffusion_models`: {file name: path} linked into models/diffusion_models; `settings`: the
     frontend's user settings (comfy.settings.json of the default user)."""
@@ -69,7 +81,7 @@ def running_server(base: str, diffusion_models: dict | None = None, settings: di
                     with open(log_path) as f:
                         raise RuntimeError("ComfyUI server did not start:\n" + f.read()[-4000:])
                 time.sleep(0.5)
-        yield url
+        yield RunningServer(url, base, process)
     finally:
         process.terminate()
         try:

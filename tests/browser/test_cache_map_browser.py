@@ -52,8 +52,8 @@ pytestmark = pytest.mark.skipif(missing is not None, reason=f"browser test skipp
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("browser-server")
-    with running_server(str(base), {"tiny_wan.safetensors": TINY_WAN}, SETTINGS) as url:
-        yield url
+    with running_server(str(base), {"tiny_wan.safetensors": TINY_WAN}, SETTINGS) as running:
+        yield running.url
 
 
 class Page:

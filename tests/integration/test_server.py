@@ -19,8 +19,8 @@ from benchmarks.server import get as _get, running_server
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, paths):
     base = tmp_path_factory.mktemp("server")
-    with running_server(str(base), {paths["wan_name"]: paths["wan"]}) as url:
-        yield url, base
+    with running_server(str(base), {paths["wan_name"]: paths["wan"]}) as running:
+        yield running.url, base
 
 
 def test_server_lists_the_nodes_and_serves_the_frontend_extension(server):
