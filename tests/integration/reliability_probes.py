@@ -97,10 +97,10 @@ def check_report_against_calls(report: dict, calls: list, cached_rows: list) -> 
     assert not untraced, f"model calls at sigmas {untraced} are missing from the trace"
 
 
-def snapshot(patcher) -> dict:
+def _structure(patcher) -> dict:
+    """What sampling must leave as it was, apart from the weights."""
     model = patcher.model
     return {
-        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "modules": [(n, type(m)) for n, m in model.named_modules()],
         "hooks": [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
         "attrs": {n: sorted(vars(m).keys()) for n, m in model.named_modules()},
@@ -108,19 +108,17 @@ def snapshot(patcher) -> dict:
         "options": repr(patcher.model_options),
         "object_patches": dict(patcher.object_patches),
     }
+
+
+def snapshot(patcher) -> dict:
+    params = {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+    return {"params": params, **_structure(patcher)}
 
 
 def assert_unchanged(before: dict, patcher) -> None:
     """`patcher` (its model and options) is as `before = snapshot(patcher)` recorded it."""
     model = patcher.model
-    after = {
-        "modules": [(n, type(m)) for n, m in model.named_modules()],
-        "hooks": [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
-        "attrs": {n: sorted(vars(m).keys()) for n, m in model.named_modules()},
-        "forward": model.diffusion_model.forward.__func__,
-        "options": repr(patcher.model_options),
-        "object_patches": dict(patcher.object_patches),
-    }
+    after = _structure(patcher)
     for key, value in after.items():
         if key == "attrs" and value != before[key]:
             diff = {n: sorted(set(value.get(n, [])) ^ set(before[key].get(n, []))) for n in set(value) | set(before[key])}
