@@ -252,7 +252,7 @@ class CacheRun:
             state, gate = self._state(scope), self._gate(scope)
             value = state.measure(ev.sigma, value_in)
             if value is not None and not math.isfinite(value):  # e.g. a rate over a vanishing change
-                self._note_once(f"the {policy.method} indicator was not finite: that evaluation was "
+                self.note_once(f"the {policy.method} indicator was not finite: that evaluation was "
                                 "computed and the policy restarted")
                 self.policy_states.pop(scope)
                 state, value = self._state(scope), None
@@ -470,9 +470,9 @@ class CacheRun:
         """A model call ran uncached for another node (its blocks differ from the run's): count it, say why once."""
         if self.trace.evaluations:
             self.trace.evaluations[-1].aside += 1
-        self._note_once(reason)
+        self.note_once(reason)
 
-    def _note_once(self, message: str) -> None:
+    def note_once(self, message: str) -> None:
         if message not in self.notes:
             self._note(message)
 

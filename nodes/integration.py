@@ -194,9 +194,7 @@ class _RunContext:
         self._checked = (None, False)
         self.blocks = None
         self.branch = None
-        self.saw_control = False
         self.call_has_control = False
-        self.saw_references = False
         self.latent_shape: Optional[tuple] = None  # of the model call in progress (block sites)
         self.sigma: Optional[float] = None  # of the model call in progress (block sites)
         self.patch = setup.adapter.patch_of(diffusion_model) if setup.adapter is not None else ()
@@ -343,9 +341,8 @@ def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, t
     if context is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     context.call_has_control = control is not None
-    if control is not None and not context.saw_control:
-        context.saw_control = True
-        context.run.notes.append(
+    if control is not None:
+        context.run.note_once(
             "ControlNet residuals enter the U-Net's deep branch: evaluations with control are computed "
             "(forced_by in the trace)" if context.branch is not None else
             "ControlNet residuals entered the blocks: they are added after each block, outside the cached "
@@ -354,9 +351,8 @@ def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, t
     # the blocks' image-token grid; reference latents (Kontext, edit models) add tokens after the image tokens,
     # so no grid is claimed for those calls rather than a wrong one
     references = kwargs.get("ref_latents") is not None
-    if references and not context.saw_references:
-        context.saw_references = True
-        context.run.notes.append("reference latents follow the image tokens: no image-token grid for these calls "
+    if references:
+        context.run.note_once("reference latents follow the image tokens: no image-token grid for these calls "
                                  "(frequency forecasts treat every row as high band)")
     previous_call = context.latent_shape, context.sigma
     context.latent_shape = None if references else tuple(x.shape)
