@@ -23,7 +23,8 @@ import torch
 
 from .engine import CacheRun
 from .grid import TokenGrid
-from .policies import INPUT, MODULATED_INPUT, PROBE_INDICATORS, PROBE_OUTPUT, PROBE_RESIDUAL, Scope, relative_l1
+from .policies import (INPUT, MODULATED_INPUT, PROBE_INDICATORS, PROBE_OUTPUT, PROBE_RESIDUAL, Scope, kept_rows,
+                       relative_l1)
 from .sites import CORRECTOR, PROBE, BlockPlan
 from .tokens import gather
 from .trace import COMPUTED, PARTIAL, REJECTED
@@ -122,7 +123,7 @@ class BlockRunner:
         else:
             source = {MODULATED_INPUT: self.call.modulated, INPUT: self.call.decision_input}[kind_of_indicator]
         reference = None if source is None else self.run.reference_chunk(source)
-        return None if reference is None else reference.clone()
+        return None if reference is None else kept_rows(reference)  # the rows policies read, before blocks run in place
 
     def _probe_residual(self) -> Optional[torch.Tensor]:
         return None if self.call.probe_out is None else self.call.probe_out - self.call.probe_base
@@ -199,7 +200,7 @@ class BlockRunner:
             key, s = self.verify_keys[0]
             real = self.run.reference_chunk(out[s])
             draft = self.run.reference_chunk(self.call.segment_inputs[s] + self.run.fill((key, s), out[s]))
-            self.call.compute = not self.run.verify(relative_l1(draft, real))
+            self.call.compute = not self.run.verify(float(relative_l1(draft, real)))
         if self.call.compute:
             self.run.mark(g, REJECTED)
             return self._stored(kind, segment, segment_number, index, g, out, streams)

@@ -21,7 +21,7 @@ from .cfg import CfgBranchCache
 from .forecasters import ForecasterConfig
 from .forecasters.history import Storage, predict_all
 from .grid import TokenGrid, grid_for
-from .policies import NO_INDICATOR, PROBE_INDICATORS, PROGRESS, FixedInterval, Policy, Scope
+from .policies import NO_INDICATOR, PROBE_INDICATORS, PROGRESS, FixedInterval, Pending, Policy, Scope
 from .sites import Site
 from .tokens import TokenConfig, TokenState
 from .trace import COMPUTED, FORECAST, PARTIAL, REJECTED, REUSED, Trace
@@ -31,6 +31,20 @@ BUDGET_TOLERANCE = 0.05
 # A fill's forecast must have a norm within [min / GUARD_BAND, max * GUARD_BAND] of the norms of the
 # values computed for it so far; outside (or not finite) it is an overshoot and reuse replaces it.
 GUARD_BAND = 2.0
+
+
+def host_values(scalars: list) -> list:
+    """[float(s) for s in scalars] (0-dim tensors) with one synchronisation per device instead of one per scalar;
+    None for meta tensors (the memory report's accounting run), which hold no values."""
+    values: list = [None] * len(scalars)
+    by_device: dict = {}
+    for i, scalar in enumerate(scalars):
+        if not scalar.is_meta:
+            by_device.setdefault(scalar.device, []).append(i)
+    for members in by_device.values():
+        for i, value in zip(members, torch.stack([scalars[i].float() for i in members]).tolist()):
+            values[i] = value
+    return values
 CACHE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -135,7 +149,12 @@ class CacheRun:
         self.forecasters: dict = {}
         self.norm_bands: dict = {}  # (key, uuid) -> (min, max) norm of its computed values, 0-dim tensors
         self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
-        self.guarded_keys: set = set()
+        self.guard_masks: dict = {}  # key -> 0-dim bool tensor: its fills of this evaluation fall back to reuse
+        # Scalars the engine leaves on the device until the next synchronisation (the next decision's): whether the
+        # latest stored value of a (key, uuid) is finite, and how many fills the guard replaced per evaluation
+        self.unread_finite: dict = {}
+        self.unread_guards: list = []  # [(Evaluation, 0-dim count)]
+        self.not_finite: set = set()  # (key, uuid) whose latest stored value is not finite
         self.shared: dict = {}  # key -> state its forecasters share across conditionings
         self.updated_at: dict = {}  # (key, uuid) -> index of the evaluation that last stored it
         self.cache_bytes = 0
@@ -176,7 +195,7 @@ class CacheRun:
             self.trace.begin(sigma, self._step_of(sigma))
             self.decisions = {}
             self.pending_verification = False
-            self.guarded_keys = set()  # keys whose fills this evaluation fall back to reuse
+            self.guard_masks = {}
             self.seen = set()
             if self.ref_uuid not in uuids:
                 if self.ref_uuid is not None:
@@ -197,6 +216,8 @@ class CacheRun:
             self.cache_bytes -= self.forecasters.pop(key).nbytes
             self.updated_at.pop(key, None)
             self.norm_bands.pop(key, None)
+            self.unread_finite.pop(key, None)
+            self.not_finite.discard(key)
 
     @property
     def sigma(self) -> float:
@@ -216,8 +237,8 @@ class CacheRun:
                 or not (self.active_high >= ev.sigma > self.active_low)
                 or 0 < policy.effective_max_consecutive(share) <= self.consecutive_fills.get(scope, 0))
 
-    def _progress(self) -> torch.Tensor:
-        return torch.tensor(self.trace.evaluations[-1].step / max(1, self.steps - 1))
+    def _progress(self) -> float:
+        return self.trace.evaluations[-1].step / max(1, self.steps - 1)
 
     def _state(self, scope: Optional[Scope]):
         if scope not in self.policy_states:
@@ -251,6 +272,8 @@ class CacheRun:
             forced = bool(forced_by) or self._forced(scope) or not self._has_caches(keys, self.uuids, scope)
             state, gate = self._state(scope), self._gate(scope)
             value = state.measure(ev.sigma, value_in)
+            if isinstance(value, Pending):  # the evaluation's one synchronisation, with the engine's own scalars
+                value = value.finish(self.read_device(value.scalars))
             if value is not None and not math.isfinite(value):  # e.g. a rate over a vanishing change
                 self.note_once(f"the {policy.method} indicator was not finite: that evaluation was "
                                 "computed and the policy restarted")
@@ -304,34 +327,60 @@ class CacheRun:
             self._overrule(None)
         return accepted
 
+    def read_device(self, scalars: list = ()) -> list:
+        """The host values of `scalars` and of every scalar the engine left on the device (finiteness of stored
+        values, guard counts), in one synchronisation; the guard counts go to the trace and the report."""
+        finite, guards = list(self.unread_finite.items()), self.unread_guards
+        self.unread_finite, self.unread_guards = {}, []
+        values = host_values(list(scalars) + [f for _, f in finite] + [g for _, g in guards])
+        for (slot, _), ok in zip(finite, values[len(scalars):]):
+            (self.not_finite.add if ok == 0.0 else self.not_finite.discard)(slot)
+        for (ev, _), count in zip(guards, values[len(scalars) + len(finite):]):
+            ev.guarded += int(count or 0)
+            self.guarded_fills += int(count or 0)
+        return values[:len(scalars)]
+
     def _prepare_fills(self, keys) -> bool:
-        """Forecast every value this call fills and check it: a non-finite forecast, or one whose norm leaves
-        the band of the computed values' norms, makes its key fill with the last computed value for every
-        conditioning of the evaluation (cond and uncond filled alike, so CFG does not amplify a difference).
-        False when some value has no safe fill (its last computed value is not finite either)."""
+        """Forecast every value this call fills and guard it. False when some value has no safe fill (its last
+        computed value is not finite: the engine knows that from the scalars it read in this evaluation's
+        decision, or reads them now when the decision needed none)."""
         self._wait_for_offload()
         slots = [(k, u) for k in keys for u in self.uuids]
         if not slots:  # a scope with nothing to fill (per-segment decisions)
             self.prepared = {}
             return True
+        if any(slot in self.unread_finite for slot in slots):
+            self.read_device()
+        if any(slot in self.not_finite for slot in slots):
+            self.prepared = {}
+            return False
         timing = self.policy_states.get(None)  # DiCache remaps the fill time; per-segment policies do not
         times = [timing.fill_time(u, self.sigma) if timing else self.sigma for _, u in slots]
         self.prepared = dict(zip(slots, predict_all([self.forecasters[slot] for slot in slots], times)))
+        if not self.config.forecaster.is_reuse:  # a reuse fill is the last computed value: nothing to guard
+            self._guard(keys)
+        return True
+
+    def _guard(self, keys: list) -> None:
+        """A non-finite forecast, or one whose norm leaves the band of the computed values' norms, is replaced by
+        the last computed value, for every conditioning of the evaluation (cond and uncond filled alike, so CFG
+        does not amplify a difference). Branch-free on the device (no synchronisation): the count of replaced
+        fills reaches the evaluation's trace entry with the next synchronisation (`read_device`)."""
+        slots = list(self.prepared)
         norms = torch.stack([n.float() for n in torch._foreach_norm(list(self.prepared.values()), 2)])
         bands = torch.stack([torch.stack(self.norm_bands[slot]).float() for slot in slots]).to(norms.device)
-        checks = torch.isfinite(norms) & (norms <= GUARD_BAND * bands[:, 1]) & (norms >= bands[:, 0] / GUARD_BAND)
-        unsafe = {slot[0] for slot, safe in zip(slots, checks.tolist()) if not safe}  # one synchronisation
-        self.guarded_keys |= unsafe
-        for slot in self.prepared:
-            if slot[0] not in self.guarded_keys:
-                continue
-            latest = self.forecasters[slot].latest()
-            if not bool(torch.isfinite(latest).all()):
-                self.prepared = {}
-                return False
-            self.prepared[slot] = latest
-            self.guarded_fills += 1
-        return True
+        safe = torch.isfinite(norms) & (norms <= GUARD_BAND * bands[:, 1]) & (norms >= bands[:, 0] / GUARD_BAND)
+        unsafe = ~safe.view(len(keys), len(self.uuids)).all(dim=1)
+        replaced = []
+        for i, key in enumerate(keys):
+            mask = unsafe[i] if key not in self.guard_masks else unsafe[i] | self.guard_masks[key]
+            self.guard_masks[key] = mask
+            replaced.append(mask)
+            for uuid in self.uuids:
+                forecast = self.prepared[(key, uuid)]
+                torch.where(mask, self.forecasters[(key, uuid)].latest(copy=False).to(forecast.device), forecast,
+                            out=forecast)
+        self.unread_guards.append((self.trace.evaluations[-1], torch.stack(replaced).sum() * len(self.uuids)))
 
     def token_selection(self, compute: bool, features: torch.Tensor) -> Optional[torch.Tensor]:
         """Token indices this call's cached segments recompute on a partial evaluation (None: compute or fill
@@ -418,13 +467,24 @@ class CacheRun:
             forecaster.update(self.sigma, value)
             self.updated_at[(key, uuid)] = self.trace.evaluations[-1].index
             self.cache_bytes += forecaster.nbytes - before
-            norm = value.detach().float().norm()
+            norm = torch.linalg.vector_norm(value.detach(), dtype=torch.float32)
             low, high = self.norm_bands.get((key, uuid), (norm, norm))
             self.norm_bands[(key, uuid)] = (torch.minimum(low, norm), torch.maximum(high, norm))
+            self.unread_finite[(key, uuid)] = self._finite_as_stored(value, norm, storage.dtype)
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes)
         budget = self.config.memory_budget_mb * 2**20
         if budget and self.cache_bytes > budget:
             self._meet_budget(budget, values.is_cuda)
+
+    @staticmethod
+    def _finite_as_stored(value: torch.Tensor, norm: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        """Whether `value` is finite as the cache keeps it, a 0-dim bool tensor (read later, with other scalars).
+        A norm that overflows float32 counts as not finite (the cache then computes rather than fills)."""
+        finite = torch.isfinite(norm)
+        if dtype is not None and dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(value.dtype).max:
+            low, high = torch.aminmax(value.detach())
+            finite = finite & (high <= torch.finfo(dtype).max) & (low >= -torch.finfo(dtype).max)
+        return finite
 
     def _meet_budget(self, budget: float, on_gpu: bool) -> None:
         """Over the memory budget: lower the forecaster order, then offload to CPU memory (from a GPU), then stop."""
@@ -446,6 +506,8 @@ class CacheRun:
             self.over_budget = True
         self.forecasters.clear()
         self.norm_bands.clear()
+        self.unread_finite.clear()
+        self.not_finite.clear()
         self.shared.clear()
         self.updated_at.clear()
         self.cache_bytes = 0
@@ -507,6 +569,7 @@ class CacheRun:
         self.notes.append(message)
 
     def report(self) -> dict:
+        self.read_device()  # the guard counts still on the device
         fraction = self.trace.compute_fraction()
         budget = self.gate.budget
         feature_fraction = self.trace.compute_fraction(with_shares=False)  # the budget is the feature cache's

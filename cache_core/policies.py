@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -23,7 +23,7 @@ from .calibration import MagnitudeCurve
 NO_INDICATOR = "none"
 INPUT = "input"  # the cached region's input (the model input at the whole-model site)
 MODULATED_INPUT = "modulated_input"  # timestep-modulated input of the first block (TeaCache)
-PROGRESS = "progress"  # position in the schedule, 0 at the first step and 1 at the last (a 0-d tensor)
+PROGRESS = "progress"  # position in the schedule, 0 at the first step and 1 at the last (a float)
 PROBE_RESIDUAL = "probe_residual"  # residual of the always-computed probe blocks (first-block cache)
 PROBE_OUTPUT = "probe_output"  # output of the always-computed probe blocks (DiCache)
 PROBE_INDICATORS = (PROBE_RESIDUAL, PROBE_OUTPUT)
@@ -52,11 +52,23 @@ SUBSAMPLE_ROWS = 4096
 
 
 def subsample(x: torch.Tensor) -> torch.Tensor:
-    """Every k-th row of x's rows (all dims but the last), k = rows // SUBSAMPLE_ROWS; x itself when small."""
+    """Every k-th row of x's rows (all dims but the last), k = rows // SUBSAMPLE_ROWS; x itself when small.
+
+    Idempotent (a subsample has fewer than 2 * SUBSAMPLE_ROWS rows), so a state may keep only the subsample
+    of a feature it compares later."""
     if x.ndim < 2:
         return x
     rows = x.flatten(0, -2) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
     return rows[:: max(1, rows.shape[0] // SUBSAMPLE_ROWS)]
+
+
+def kept_rows(x: torch.Tensor, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A copy of the rows of x the indicator reductions read (its subsample), in `buffer` when it fits: a state
+    keeps a few thousand rows of a feature instead of all of it, without an allocation per evaluation."""
+    rows = subsample(x.detach())
+    if buffer is not None and buffer.shape == rows.shape and buffer.dtype == rows.dtype and buffer.device == rows.device:
+        return buffer.copy_(rows)
+    return rows.clone()
 
 
 def mean_abs(x: torch.Tensor, minus: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -65,9 +77,28 @@ def mean_abs(x: torch.Tensor, minus: Optional[torch.Tensor] = None) -> torch.Ten
     return (x if minus is None else x - subsample(minus).float()).abs().mean()
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """mean |a - b| / mean |b|: the change measure TeaCache, first-block cache, DiCache and EasyCache share."""
-    return float(mean_abs(current, previous) / mean_abs(previous).clamp_min(1e-12))
+def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """mean |a - b| / mean |b|, a 0-dim tensor (no synchronisation): the change measure TeaCache, first-block
+    cache, DiCache and EasyCache share."""
+    return mean_abs(current, previous) / mean_abs(previous).clamp_min(1e-12)
+
+
+@dataclass
+class Pending:
+    """A value that still needs scalars from the device: the engine reads `scalars` (0-dim tensors) in the
+    evaluation's one synchronisation, together with its own, and `finish` turns their host values into the
+    value (None: cannot fill yet)."""
+
+    scalars: list
+    finish: Callable[[list], Optional[float]]
+
+
+Measured = Union[None, float, Pending]
+
+
+def settle(value: Measured) -> Optional[float]:
+    """The host value of a measure (reads a Pending's scalars; the engine batches them instead)."""
+    return value.finish([float(s) for s in value.scalars]) if isinstance(value, Pending) else value
 
 
 def polynomial(coefficients: tuple, x: float) -> float:
@@ -157,9 +188,10 @@ class Scope:
 
 
 class PolicyState:
-    """Per-run state. `measure` gives the value the gate compares (None: cannot fill yet)."""
+    """Per-run state. `measure` gives the value the gate compares (None: cannot fill yet), or a Pending one when
+    it needs device scalars (the engine reads them once per evaluation, with its own)."""
 
-    def measure(self, sigma: float, indicator: Optional[torch.Tensor]) -> Optional[float]:
+    def measure(self, sigma: float, indicator: Optional[torch.Tensor]) -> Measured:
         raise NotImplementedError
 
     def decided(self, compute: bool) -> None:
@@ -231,11 +263,13 @@ class _AccumulatedChangeState(PolicyState):
     def measure(self, sigma, indicator):
         if indicator is None:
             return None
-        first = self.previous is None
-        if not first:
-            self.accumulated += max(0.0, polynomial(self.coefficients, relative_l1(indicator, self.previous)))
-        self.previous = indicator.detach().clone()
-        return None if first else self.accumulated
+        change = None if self.previous is None else relative_l1(indicator, self.previous)
+        self.previous = kept_rows(indicator, self.previous)
+        return None if change is None else Pending([change], self._accumulate)
+
+    def _accumulate(self, values: list) -> float:
+        self.accumulated += max(0.0, polynomial(self.coefficients, values[0]))
+        return self.accumulated
 
     def decided(self, compute):
         if compute:
@@ -276,19 +310,31 @@ class EasyCache(Policy):
 
 
 class _TransformationRateState(PolicyState):
+    """The inputs and outputs at computes are kept as their indicator subsample (all the reductions read)."""
+
     def __init__(self):
         self.input_at_compute: Optional[torch.Tensor] = None
         self.output_at_compute: Optional[torch.Tensor] = None
         self.rate: Optional[float] = None
         self.accumulated = 0.0
         self.pending_input_change: Optional[float] = None
+        # (output change on the device, input change) of the latest compute: its rate is read with the next measure
+        self.pending_rate: Optional[tuple] = None
 
     def measure(self, sigma, indicator):
         self.pending_input_change = None
         if self.input_at_compute is None or indicator is None:
             return None
-        change, output_norm = torch.stack(  # one host-device synchronisation for both scalars
-            [mean_abs(indicator, self.input_at_compute), mean_abs(self.output_at_compute)]).tolist()
+        scalars = [mean_abs(indicator, self.input_at_compute), mean_abs(self.output_at_compute)]
+        return Pending(scalars + ([self.pending_rate[0]] if self.pending_rate else []), self._accumulate)
+
+    def _accumulate(self, values: list) -> Optional[float]:
+        change, output_norm = values[:2]
+        if self.pending_rate:
+            rate = values[2] / self.pending_rate[1]
+            if math.isfinite(rate):  # an input that barely moved (a solver revisiting a sigma) gives no rate
+                self.rate = rate
+            self.pending_rate = None
         self.pending_input_change = change
         if self.rate is None:
             return None
@@ -303,11 +349,9 @@ class _TransformationRateState(PolicyState):
         if indicator is None:
             return
         if self.output_at_compute is not None and self.pending_input_change:
-            rate = float(mean_abs(output, self.output_at_compute)) / self.pending_input_change
-            if math.isfinite(rate):  # an input that barely moved (a solver revisiting a sigma) gives no rate
-                self.rate = rate
-        self.input_at_compute = indicator.detach().clone()
-        self.output_at_compute = output.detach().clone()
+            self.pending_rate = (mean_abs(output, self.output_at_compute), self.pending_input_change)
+        self.input_at_compute = kept_rows(indicator, self.input_at_compute)
+        self.output_at_compute = kept_rows(output, self.output_at_compute)
 
 
 @dataclass(frozen=True)
@@ -330,11 +374,11 @@ class _ProbeResidualState(PolicyState):
         self.current = indicator
         if self.residual_at_compute is None or indicator is None:
             return None
-        return relative_l1(indicator, self.residual_at_compute)
+        return Pending([relative_l1(indicator, self.residual_at_compute)], lambda values: values[0])
 
     def decided(self, compute):
         if compute and self.current is not None:
-            self.residual_at_compute = self.current.detach().clone()
+            self.residual_at_compute = kept_rows(self.current, self.residual_at_compute)
 
 
 @dataclass(frozen=True)
@@ -373,11 +417,19 @@ class DiCache(Policy):
 
 
 class _ProbeTrajectory:
-    """One conditioning's probe residuals: at its last two computes and now."""
+    """One conditioning's probe residuals: at its last two computes and now, and the gain of now once read."""
 
     def __init__(self):
         self.computed: list = []  # [(sigma, residual)], oldest first, at most two
         self.current: Optional[torch.Tensor] = None
+        self.gain: Optional[float] = None
+
+    def gain_scalars(self) -> Optional[list]:
+        """[mean|P(k) - P(k-1)|, mean|p - P(k-1)|] on the device; None before two computes."""
+        if len(self.computed) < 2 or self.current is None:
+            return None
+        (_, before), (_, last) = self.computed
+        return [(last - before).abs().mean(), (self.current - before).abs().mean()]
 
 
 class _ProbeAlignedState(_AccumulatedChangeState):
@@ -385,23 +437,45 @@ class _ProbeAlignedState(_AccumulatedChangeState):
         super().__init__()
         self.max_gain = max_gain
         self.trajectories: dict = {}
+        self.observed: list = []  # trajectories observed since the last measure
 
     def observe_probe(self, uuid, residual):
-        self.trajectories.setdefault(uuid, _ProbeTrajectory()).current = residual.detach().clone()
+        trajectory = self.trajectories.setdefault(uuid, _ProbeTrajectory())
+        trajectory.current, trajectory.gain = residual.detach().clone(), None
+        self.observed.append(trajectory)
 
     def probe_computed(self, uuid, sigma):
         trajectory = self.trajectories[uuid]
         trajectory.computed = (trajectory.computed + [(sigma, trajectory.current)])[-2:]
 
+    def measure(self, sigma, indicator):
+        """The accumulated change; the gains of the conditionings observed for this decision are read in the
+        same synchronisation (a conditioning called later reads its own in `gain`)."""
+        value = super().measure(sigma, indicator)
+        waiting = [(t, scalars) for t in self.observed if (scalars := t.gain_scalars()) is not None]
+        self.observed = []
+        if not waiting:
+            return value
+        own = value.scalars if value is not None else []
+
+        def finish(values: list) -> Optional[float]:
+            for i, (trajectory, _) in enumerate(waiting):
+                self._set_gain(trajectory, *values[len(own) + 2 * i: len(own) + 2 * i + 2])
+            return value.finish(values[:len(own)]) if value is not None else None
+        return Pending(own + [s for _, scalars in waiting for s in scalars], finish)
+
+    def _set_gain(self, trajectory: _ProbeTrajectory, span: float, moved: float) -> None:
+        trajectory.gain = 1.0 if span <= 0.0 or not math.isfinite(span) else min(max(moved / span, 1.0),
+                                                                                 self.max_gain)
+
     def gain(self, uuid) -> float:
         trajectory = self.trajectories.get(uuid)
-        if trajectory is None or len(trajectory.computed) < 2 or trajectory.current is None:
+        scalars = None if trajectory is None else trajectory.gain_scalars()
+        if scalars is None:
             return 1.0
-        (_, before), (_, last) = trajectory.computed
-        span = float((last - before).abs().mean())
-        if span <= 0.0 or not math.isfinite(span):
-            return 1.0
-        return min(max(float((trajectory.current - before).abs().mean()) / span, 1.0), self.max_gain)
+        if trajectory.gain is None:
+            self._set_gain(trajectory, *torch.stack(scalars).tolist())
+        return trajectory.gain
 
     def fill_time(self, uuid, sigma):
         trajectory = self.trajectories.get(uuid)
@@ -508,9 +582,14 @@ class _LayerChangeState(PolicyState):
         if indicator is None:
             return None
         self.since_compute += 1
-        change = None if self.input_at_compute is None else relative_l1(indicator, self.input_at_compute)
+        self.pending = (indicator, None)
+        if self.input_at_compute is None:
+            return None
+        return Pending([relative_l1(indicator, self.input_at_compute)], lambda values: self._value(indicator, values[0]))
+
+    def _value(self, indicator: torch.Tensor, change: float) -> Optional[float]:
         self.pending = (indicator, change)
-        return None if self.rate is None or change is None else change / max(self.rate, 1e-12)
+        return None if self.rate is None else change / max(self.rate, 1e-12)
 
     def decided(self, compute):
         indicator, change = self.pending
@@ -524,7 +603,7 @@ class _LayerChangeState(PolicyState):
                     self.rate = sum(self.rates) / len(self.rates)
             else:
                 self.rate = 0.5 * (self.rate + rate)
-        self.input_at_compute = indicator.detach().clone()
+        self.input_at_compute = kept_rows(indicator, self.input_at_compute)
         self.since_compute = 0
 
 
@@ -572,7 +651,7 @@ class _SlidingWindowState(_CountingState):
 
     def measure(self, sigma, indicator):
         value = super().measure(sigma, indicator)
-        inside = self.scope.position in self.policy.window_positions(float(indicator), self.scope.count)
+        inside = self.scope.position in self.policy.window_positions(indicator, self.scope.count)
         return value if inside else None  # outside the window: always computed
 
 
@@ -623,7 +702,7 @@ class _VerifiedDraftState(PolicyState):
         self.tolerance = 0.0
 
     def measure(self, sigma, indicator):
-        progress = float(indicator)
+        progress = indicator
         self.tolerance = self.policy.threshold_at(progress)
         return None if self.tolerance <= 0.0 else progress  # no tolerance (speed 0): compute
 

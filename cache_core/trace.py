@@ -25,6 +25,7 @@ class Evaluation:
     share: float = 1.0  # the part of the batch the model ran for (CFG-branch cache: the positive branch only)
     fractions: dict = field(default_factory=dict)  # row -> fraction of its work a partial cell did
     aside: int = 0  # model calls of another node's pass that ran uncached, apart from the cache
+    guarded: int = 0  # fills the forecast guard replaced by the last computed value
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Trace:
         return cls(list(data["rows"]), [
             Evaluation(e["index"], e["sigma"], e["step"], list(e["actions"]), e.get("indicator"),
                        e.get("decision", COMPUTED), e.get("forced_by"), e.get("share", 1.0),
-                       {int(r): f for r, f in e.get("fractions", {}).items()}, e.get("aside", 0))
+                       {int(r): f for r, f in e.get("fractions", {}).items()}, e.get("aside", 0), e.get("guarded", 0))
             for e in data["evaluations"]])
 
     def to_dict(self) -> dict:
@@ -79,7 +80,7 @@ class Trace:
             "evaluations": [
                 {"index": ev.index, "sigma": ev.sigma, "step": ev.step, "decision": ev.decision,
                  "indicator": ev.indicator, "actions": list(ev.actions), "forced_by": ev.forced_by, "share": ev.share,
-                 "fractions": dict(ev.fractions), "aside": ev.aside}
+                 "fractions": dict(ev.fractions), "aside": ev.aside, "guarded": ev.guarded}
                 for ev in self.evaluations
             ],
         }

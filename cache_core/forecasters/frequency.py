@@ -64,9 +64,9 @@ class FrequencyForecaster(Forecaster):
         self._require()
         return self.low.to(device=device or self.low.device, dtype=self.high.dtype) + self.high.predict(t, device)
 
-    def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
+    def latest(self, device: Optional[torch.device] = None, copy: bool = True) -> torch.Tensor:
         self._require()
-        return self.low.to(device=device or self.low.device, dtype=self.high.dtype) + self.high.latest(device)
+        return self.low.to(device=device or self.low.device, dtype=self.high.dtype) + self.high.latest(device, False)
 
     @property
     def nbytes(self) -> int:

@@ -74,7 +74,8 @@ class Forecaster:
     def predict(self, t: float, device: Optional[torch.device] = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
+    def latest(self, device: Optional[torch.device] = None, copy: bool = True) -> torch.Tensor:
+        """copy=False may return the kept tensor itself (read it before the next update, never write to it)."""
         raise NotImplementedError
 
     @property

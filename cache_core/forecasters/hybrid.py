@@ -82,8 +82,8 @@ class HybridForecaster(Forecaster):
                  for g, name in enumerate(choice)]
         return torch.cat(parts, dim=self.feature_dim)
 
-    def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
-        return next(iter(self.candidates.values())).latest(device)
+    def latest(self, device: Optional[torch.device] = None, copy: bool = True) -> torch.Tensor:
+        return next(iter(self.candidates.values())).latest(device, copy)
 
     @property
     def nbytes(self) -> int:

@@ -66,9 +66,9 @@ class TaylorForecaster(Forecaster):
         self._require()
         return self.diffs, self.weights(t), self.dtype
 
-    def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
+    def latest(self, device: Optional[torch.device] = None, copy: bool = True) -> torch.Tensor:
         self._require()
-        return self.diffs[0].to(device=device or self.diffs[0].device, dtype=self.dtype, copy=True)  # updated in place
+        return self.diffs[0].to(device=device or self.diffs[0].device, dtype=self.dtype, copy=copy)  # updated in place
 
     @property
     def nbytes(self) -> int:
@@ -164,9 +164,9 @@ class ValueHistory(Forecaster):
             return None
         return self.values, self.weights(t), self.dtype
 
-    def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
+    def latest(self, device: Optional[torch.device] = None, copy: bool = True) -> torch.Tensor:
         self._require()
-        return self.values[0].to(device=device or self.values[0].device, dtype=self.dtype, copy=True)
+        return self.values[0].to(device=device or self.values[0].device, dtype=self.dtype, copy=copy)
 
     @property
     def nbytes(self) -> int:

@@ -79,9 +79,9 @@ class SpectrumForecaster(Forecaster):
             out.add_(moment, alpha=float(weight))
         return out.to(device=device or out.device, dtype=self.dtype)
 
-    def latest(self, device: Optional[torch.device] = None) -> torch.Tensor:
+    def latest(self, device: Optional[torch.device] = None, copy: bool = True) -> torch.Tensor:
         self._require()
-        return self.newest.to(device=device or self.newest.device, dtype=self.dtype, copy=True)
+        return self.newest.to(device=device or self.newest.device, dtype=self.dtype, copy=copy)
 
     @property
     def nbytes(self) -> int:

@@ -309,14 +309,14 @@ def test_every_forecaster_kind_fills_block_sites_end_to_end(kind):
         assert not torch.allclose(outs[-1], reuse[-1])
 
 
-def _two_uuid_run(forecaster=ForecasterConfig("taylor", 1), fill_call=("c", "u")):
-    """Computed at sigma 1.0 and 0.8, then the call `fill_call` fills at 0.6 (interval 3)."""
+def _two_uuid_run(forecaster=ForecasterConfig("taylor", 1), fill_call=("c", "u"), last=(2.0, 2.0)):
+    """Computed at sigma 1.0 and 0.8 (c and u: 1, then `last`), then the call `fill_call` fills at 0.6 (interval 3)."""
     config = CacheConfig(policy=FixedInterval(interval=3, warmup_steps=2), forecaster=forecaster)
     run = CacheRun(config, ["model"], [1.0, 0.8, 0.6, 0.4, 0.0])
-    for sigma, value in ((1.0, 1.0), (0.8, 2.0)):
+    for sigma, values in ((1.0, (1.0, 1.0)), (0.8, last)):
         run.begin_call(["c", "u"], sigma, torch.zeros(2, 3))
         assert run.decide(["model"], lambda kind: None)
-        run.store("model", torch.full((2, 3), value))
+        run.store("model", torch.tensor(values).repeat_interleave(3).view(2, 3))
     run.begin_call(list(fill_call), 0.6, torch.zeros(len(fill_call), 3))
     return run
 
@@ -350,9 +350,9 @@ def test_guard_keeps_the_fallback_for_the_later_calls_of_the_evaluation():
     assert torch.equal(run.fill("model", torch.zeros(1, 3)), torch.full((1, 3), 2.0))  # u's line would give 3
 
 
-def test_guard_computes_when_no_cached_value_is_finite():
-    run = _two_uuid_run()
-    run.forecasters[("model", "c")].update(0.8, torch.full((1, 3), float("nan")))
+@pytest.mark.parametrize("forecaster", [ForecasterConfig("taylor", 1), ForecasterConfig("reuse")])
+def test_guard_computes_when_no_cached_value_is_finite(forecaster):
+    run = _two_uuid_run(forecaster, last=(float("nan"), 2.0))
     assert run.decide(["model"], lambda kind: None)
     assert run.trace.evaluations[-1].decision == COMPUTED
     assert any("not finite" in n for n in run.report()["notes"])
