@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from . import triton_forecast
+
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision of differences and sums: at least float32 (differences grow like 1/dt^j and overflow fp16)."""
@@ -37,7 +39,15 @@ def combine(terms: list, weights: list, device: Optional[torch.device], dtype: t
 
 
 def combine_all(tables: list, weights: list, dtypes: list, device: Optional[torch.device] = None) -> list:
-    """[combine(tables[i], weights[i], device, dtypes[i]) for i], fused: one `_foreach_add_` per term and weight.
+    """[combine(tables[i], weights[i], device, dtypes[i]) for i], fused: the Triton kernel on CUDA where it measured
+    faster for this step's shapes (triton_forecast), else the `_foreach` reference."""
+    if triton_forecast.supports(tables, device) and triton_forecast.faster(tables, weights, dtypes, combine_all_foreach):
+        return triton_forecast.combine_all(tables, weights, dtypes)
+    return combine_all_foreach(tables, weights, dtypes, device)
+
+
+def combine_all_foreach(tables: list, weights: list, dtypes: list, device: Optional[torch.device] = None) -> list:
+    """The reference of combine_all: one `_foreach_add_` per term and weight.
 
     In a step every cached tensor usually has the same history times, hence the same weights: the
     forecasts of all of them then take one launch per term."""

@@ -99,3 +99,81 @@ def test_forecasts_come_back_in_the_values_dtype_whatever_the_storage_dtype(kind
         f.update(t, torch.randn(1, 4, 8, generator=g).to(torch.bfloat16))
     for target in (0.3, 0.4):
         assert f.predict(target).dtype == torch.bfloat16 and f.latest().dtype == torch.bfloat16
+
+
+def _random_step(device, seed=0):
+    """A step's tables like the forecasters make: values in half/bfloat/float, differences in float32, 1-5 terms,
+    sizes that are not multiples of the kernel's block."""
+    g = torch.Generator().manual_seed(seed)
+    tables, weights, dtypes = [], [], []
+    for terms, dtype, shape in ((1, torch.float32, (3, 7)), (2, torch.float16, (1, 2049)), (3, torch.bfloat16, (2, 33, 17)),
+                                (4, torch.float32, (5000,)), (5, torch.float16, (2, 3, 129))):
+        head = torch.randn(shape, generator=g).to(dtype)
+        tables.append([head.to(device)] + [torch.randn(shape, generator=g).to(device) for _ in range(terms - 1)])
+        weights.append([1.0] + (torch.randn(terms - 1, generator=g) * 0.5).tolist())
+        dtypes.append(dtype)
+    return tables, weights, dtypes
+
+
+def _assert_same(kernel_outs, reference_outs):
+    for out, ref in zip(kernel_outs, reference_outs):
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        tolerance = 1e-6 if ref.dtype == torch.float32 else 1e-2  # a half-precision result may round the other way
+        assert torch.allclose(out.float(), ref.float(), rtol=tolerance, atol=tolerance), (out - ref).abs().max()
+
+
+INTERPRETED = """
+import torch
+from cache_core.kernels import triton_forecast
+from cache_core.kernels.forecast import combine_all_foreach
+import test_kernels
+for seed in range(3):
+    tables, weights, dtypes = test_kernels._random_step("cpu", seed)
+    test_kernels._assert_same(triton_forecast.combine_all(tables, weights, dtypes),
+                              combine_all_foreach(tables, weights, dtypes))
+print("interpreted kernel matches")
+"""
+
+
+def test_triton_kernel_matches_the_reference_in_the_interpreter():
+    """Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported: a fresh process) runs the kernel
+    on CPU tensors, so the kernel is checked on machines without a GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(here.parent.parent), str(here), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "interpreted kernel matches" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_triton_kernel_matches_the_reference_on_the_gpu_and_is_chosen_only_when_faster():
+    from cache_core.kernels import triton_forecast
+    from cache_core.kernels.forecast import combine_all_foreach
+
+    pytest.importorskip("triton")
+    tables, weights, dtypes = _random_step("cuda")
+    assert triton_forecast.supports(tables, None)
+    _assert_same(triton_forecast.combine_all(tables, weights, dtypes), combine_all_foreach(tables, weights, dtypes))
+    _assert_same(combine_all(tables, weights, dtypes), combine_all_foreach(tables, weights, dtypes))
+    assert triton_forecast._signature(tables, dtypes) in triton_forecast._faster  # measured once, then cached
+
+
+def test_without_triton_the_reference_runs(monkeypatch):
+    import sys
+
+    from cache_core.kernels import triton_forecast
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
+    monkeypatch.delitem(sys.modules, "cache_core.kernels.weighted_sum_triton", raising=False)
+    monkeypatch.setattr(triton_forecast, "_kernel", None)
+    assert triton_forecast.kernel() is None
+    tables, weights, dtypes = _random_step("cpu")
+    assert not triton_forecast.supports(tables, None)
+    _assert_same(combine_all(tables, weights, dtypes), [combine(t, w, None, d) for t, w, d in
+                                                         zip(tables, weights, dtypes)])
