@@ -169,7 +169,7 @@ class BlockRunner:
     def _filled(self, segment, index, args, streams):
         if index != segment.first:
             return {s: args[s] for s in streams}
-        return {s: args[s] + self.run.fill((segment.key, s), args[s]) for s in streams}
+        return {s: self.run.fill((segment.key, s), args[s]).add_(args[s]) for s in streams}  # fills are fresh
 
     def _stored(self, kind, segment, segment_number, index, g, out, streams):
         """Cache what a computed block completes: the verified block's own residual, its segment's residual."""

@@ -519,9 +519,10 @@ class CacheRun:
             self.offload_pending = False
 
     def fill(self, key, like: torch.Tensor) -> torch.Tensor:
-        """The checked forecast of `key` at the current sigma for every uuid of the call, batched like `like`."""
+        """The checked forecast of `key` at the current sigma for every uuid of the call, batched like `like`: a fresh
+        tensor (forecasts are), which the caller may update in place."""
         parts = [self.prepared.pop((key, u)).to(like.device) for u in self.uuids]
-        return torch.cat(parts, dim=0)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def reference_chunk(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         if self.ref_uuid not in self.uuids:

@@ -303,7 +303,7 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
             run.mark(0, COMPUTED)
             return denoised
         run.mark(0, run.fill_action)
-        return x - scale * run.fill("model", x)
+        return run.fill("model", x).mul_(-scale).add_(x)  # x - scale * fill, in the fresh fill (bit-identical)
 
 
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, **kwargs):
