@@ -197,6 +197,8 @@ class CacheRun:
             self.cache_bytes -= self.forecasters.pop(key).nbytes
             self.updated_at.pop(key, None)
             self.norm_bands.pop(key, None)
+        if self.tokens is not None:
+            self.tokens.drop_keys_values(uuid)
 
     @property
     def sigma(self) -> float:
@@ -456,6 +458,8 @@ class CacheRun:
         self.shared.clear()
         self.updated_at.clear()
         self.cache_bytes = 0
+        if self.tokens is not None:
+            self.tokens.drop_keys_values()
 
     def _wait_for_offload(self) -> None:
         """One wait for this evaluation's asynchronous copies to pinned memory, before the CPU reads them."""

@@ -348,6 +348,11 @@ class TokenState:
             self.keys_values_bytes += sum(_bytes(t) for t in pair) - sum(_bytes(t) for t in previous)
             self.keys_values[(block, uuid)] = pair
 
+    def drop_keys_values(self, uuid=None) -> None:
+        """Forget the kept keys and values of one conditioning (None: of all)."""
+        for key in [k for k in self.keys_values if uuid is None or k[1] == uuid]:
+            self.keys_values_bytes -= sum(_bytes(t) for t in self.keys_values.pop(key))
+
     def cached_keys_values(self, block, uuids: list, positions: int, dim: int) -> Optional[tuple]:
         """A block's kept keys and values for the call's uuids, batched; None unless every uuid has them for
         `positions` positions (along `dim`)."""

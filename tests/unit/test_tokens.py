@@ -289,3 +289,16 @@ def test_cached_attention_keeps_two_tables_per_cached_block_and_conditioning():
     # span site, probe 1: 4 cached blocks (1 double, 3 single), each attending over 3 text + 6 tokens of width 8
     assert run.tokens.keys_values_bytes == 4 * 2 * 2 * (9 * 8 * 4)
     assert run.report()["peak_cache_bytes"] >= run.tokens.keys_values_bytes
+
+
+def test_kept_keys_values_are_batched_per_conditioning_and_dropped_with_its_caches():
+    state = TokenState(TokenConfig())
+    k, v = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    state.keep_keys_values("b", ["c", "u"], k, v)
+    assert state.keys_values_bytes == 2 * k.numel() * 4
+    assert torch.equal(state.cached_keys_values("b", ["u", "c"], 5, 1)[0], torch.cat([k[1:], k[:1]]))
+    assert state.cached_keys_values("b", ["c"], 6, 1) is None  # other positions: not these
+    state.drop_keys_values("c")
+    assert state.cached_keys_values("b", ["c", "u"], 5, 1) is None and state.keys_values_bytes == k.numel() * 4
+    state.drop_keys_values()
+    assert state.keys_values == {} and state.keys_values_bytes == 0
