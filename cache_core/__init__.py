@@ -10,7 +10,7 @@ from .policies import (POLICIES, Delta, DiCache, EasyCache, FirstBlock, FixedInt
 from .recommended import (DEFAULT_METHOD, RECOMMENDED_FORECASTER, RECOMMENDED_PROBE_BLOCKS, RECOMMENDED_SITE,
                           make_policy)
 from .sites import SITE_KINDS, Site
-from .tokens import TOKEN_SELECTIONS, TokenConfig, TokenLayout
+from .tokens import TOKEN_SELECTIONS, AttentionLayout, TokenConfig, TokenLayout
 from .trace import COMPUTED, FORECAST, PARTIAL, REJECTED, REUSED, Trace
 
 __all__ = [
@@ -21,6 +21,6 @@ __all__ = [
     "Delta", "DiCache", "EasyCache", "FirstBlock", "FixedInterval", "Foresight", "MagCache", "Policy", "SpeCa",
     "TeaCache", "DEFAULT_METHOD",
     "RECOMMENDED_FORECASTER", "RECOMMENDED_PROBE_BLOCKS", "RECOMMENDED_SITE", "make_policy", "SITE_KINDS", "Site",
-    "TOKEN_SELECTIONS", "TokenConfig", "TokenLayout", "COMPUTED", "FORECAST", "PARTIAL", "REJECTED", "REUSED",
+    "TOKEN_SELECTIONS", "AttentionLayout", "TokenConfig", "TokenLayout", "COMPUTED", "FORECAST", "PARTIAL", "REJECTED", "REUSED",
     "Trace",
 ]

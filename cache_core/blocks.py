@@ -11,7 +11,8 @@ previous block's output is added to the segment's base, so on a filled step the 
 additions on top of the filled value and block skipping stays correct.
 A block that ends a stream (SD3's last block returns no text) passes that stream through.
 With token-level recompute, a partial segment also runs each of its blocks on a subset of the tokens
-(see tokens.py); `token_layouts` (per kind) says where the tokens are.
+(see tokens.py); `token_layouts` (per kind) says where the tokens are, and `with_attention` how a block
+call's attention is hooked (to keep and attend to cached keys and values).
 A per-segment policy decides at each segment's first block; a verifying policy (SpeCa) runs the
 first cached block of a drafted evaluation for real and checks its draft before the rest is filled.
 """
@@ -26,11 +27,13 @@ from .grid import TokenGrid
 from .policies import (INPUT, MODULATED_INPUT, PROBE_INDICATORS, PROBE_OUTPUT, PROBE_RESIDUAL, Scope, kept_rows,
                        relative_l1)
 from .sites import CORRECTOR, PROBE, BlockPlan
-from .tokens import gather
+from .tokens import SelfAttention, gather, positions_of
 from .trace import COMPUTED, PARTIAL, REJECTED
 
 ModulatedInput = Callable[[str, int, dict], Optional[torch.Tensor]]
 TokenGridOf = Callable[[str, str], Optional[TokenGrid]]  # (block kind, stream) -> its image-token grid
+# (block args, hook) -> the args of a block call whose attention calls go through the hook (tokens.SelfAttention)
+WithAttention = Callable[[dict, Callable], dict]
 
 # Blocks may update their input in place (Flux does), so anything read after a block ran is a copy.
 
@@ -63,13 +66,15 @@ class _PartialSegment:
 
 class BlockRunner:
     def __init__(self, run: CacheRun, plan: BlockPlan, streams: dict, modulated_input: Optional[ModulatedInput] = None,
-                 token_grid: Optional[TokenGridOf] = None, token_layouts: Optional[dict] = None):
+                 token_grid: Optional[TokenGridOf] = None, token_layouts: Optional[dict] = None,
+                 with_attention: Optional[WithAttention] = None):
         self.run = run
         self.plan = plan
         self.streams = streams
         self.modulated_input = modulated_input
         self.token_grid = token_grid
         self.token_layouts = token_layouts or {}
+        self.with_attention = with_attention
         self.keys = [[(seg.key, s) for s in streams[seg.kind]] for seg in plan.segments]
         self.scopes = [Scope(seg.key, n, len(plan.segments)) for n, seg in enumerate(plan.segments)]
         first = plan.segments[0]
@@ -157,6 +162,9 @@ class BlockRunner:
         else:
             for s in streams:
                 self.call.segment_inputs[s] += args[s] - self.call.last_out[s]
+        if self._attends_cached(kind):  # keep the block's self-attention keys and values for partial evaluations
+            args = self.with_attention(args, SelfAttention(self.token_layouts[kind].attention,
+                                                           self._keeper(kind, index)))
         out = self._run(run_block, args, streams)
         self.run.mark(g, COMPUTED)
         return self._stored(kind, segment, segment_number, index, g, out, streams)
@@ -234,19 +242,23 @@ class BlockRunner:
         text = self._text_length(kind, args)
         skip = text if layout.text_in_stream else 0
         selection = self.call.selection
+        cached = self._cached_attention(kind, index, text, self._tokens(kind, args).shape[1])
         if index == segment.first:
             fill = self.run.fill((segment.key, layout.stream), args[layout.stream])
             token_fill = fill[:, skip:]
             correction = self.run.tokens.correction(segment.key, self.run.uuids, token_fill)
             if correction is not None:
                 token_fill += correction  # the fill is a fresh tensor: its token rows take the correction
-            sub = gather(args, layout, streams, selection, text)
+            sub = gather(args, layout, streams, selection, text, all_keys=cached is not None)
             self.call.partial = _PartialSegment(token_fill, sub[layout.stream][:, skip:].clone())
             out = {s: args[s] for s in streams}  # other streams come from the run at the segment's end
             out[layout.stream] = args[layout.stream] + fill
         else:
-            sub = gather(args, layout, streams, selection, text, self.call.partial.state)
+            sub = gather(args, layout, streams, selection, text, self.call.partial.state, all_keys=cached is not None)
             out = {s: args[s] for s in streams}
+        if cached is not None:
+            sub = self.with_attention(sub, SelfAttention(layout.attention, self._keeper(kind, index), cached,
+                                                         positions_of(selection, text)))
         sub_out = run_block(sub)
         self.call.partial.state = {s: sub_out[s] for s in streams}
         tokens = self.call.partial.fill.shape[1]
@@ -262,3 +274,18 @@ class BlockRunner:
             self.run.account_tokens()
             self.call.partial = None
         return out
+
+    def _attends_cached(self, kind: str) -> bool:
+        tokens = self.run.tokens
+        return (tokens is not None and tokens.config.cached_attention and self.with_attention is not None
+                and self.token_layouts[kind].attention is not None)
+
+    def _keeper(self, kind: str, index: int) -> Callable:
+        return lambda k, v: self.run.keep_keys_values((kind, index), k, v)
+
+    def _cached_attention(self, kind: str, index: int, text: int, tokens: int) -> Optional[tuple]:
+        """The block's kept self-attention keys and values of every position, when the subset attends to them."""
+        if not self._attends_cached(kind):
+            return None
+        return self.run.tokens.cached_keys_values((kind, index), self.run.uuids, text + tokens,
+                                                  self.token_layouts[kind].attention.sequence_dim)

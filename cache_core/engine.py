@@ -218,6 +218,8 @@ class CacheRun:
             self.norm_bands.pop(key, None)
             self.unread_finite.pop(key, None)
             self.not_finite.discard(key)
+        if self.tokens is not None:
+            self.tokens.drop_keys_values(uuid)
 
     @property
     def sigma(self) -> float:
@@ -398,6 +400,13 @@ class CacheRun:
         self.account_tokens()
         return index
 
+    def keep_keys_values(self, block, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A cached block's self-attention keys and values of every position (for partial evaluations)."""
+        if self.over_budget:
+            return
+        self.tokens.keep_keys_values(block, self.uuids, k, v, torch.device("cpu") if self.offloaded else None)
+        self.account_tokens()
+
     def account_tokens(self) -> None:
         """Token memory (per-token inputs, fill corrections) counts towards the peak cache bytes."""
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes + self.tokens.nbytes)
@@ -511,6 +520,8 @@ class CacheRun:
         self.shared.clear()
         self.updated_at.clear()
         self.cache_bytes = 0
+        if self.tokens is not None:
+            self.tokens.drop_keys_values()
 
     def _wait_for_offload(self) -> None:
         """One wait for this evaluation's asynchronous copies to pinned memory, before the CPU reads them."""
@@ -601,6 +612,7 @@ class CacheRun:
             "compute_fraction": fraction,
             "ideal_speedup": (1.0 / fraction) if fraction > 0 else float("inf"),
             "peak_cache_bytes": self.peak_bytes + (self.cfg.nbytes if self.cfg else 0),
+            "attention_cache_bytes": self.tokens.keys_values_bytes if self.tokens is not None else 0,
             "cache_dtype": self.config.cache_dtype,
             "orders_lowered": self.orders_lowered,
             "offloaded": self.offloaded,

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..cache_core import TokenGrid, TokenLayout
+from ..cache_core import AttentionLayout, TokenGrid, TokenLayout
 
 REPLACE = "replace"
 FORWARD = "forward"
@@ -39,6 +39,7 @@ class BlockKind:
     # text + image tokens that a token subset must gather; None: this kind's tokens cannot be gathered
     text: Optional[str] = None
     token_rows: Optional[tuple] = None
+    attention: Optional[AttentionLayout] = None  # where its self-attention sees the positions (cached keys/values)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class Adapter:
                 f"Feature cache: token-level recompute cannot gather the tokens of this model's "
                 f"{', '.join(missing)} blocks ({self.family}) yet: disconnect the tokens input")
         return {k.name: TokenLayout(k.image_streams[0], k.text, k.text is not None and k.text not in k.streams,
-                                    k.token_rows) for k in self.kinds}
+                                    k.token_rows, k.attention) for k in self.kinds}
 
     def block(self, diffusion_model, kind: str, index: int):
         return self.blocks(diffusion_model, self.kind(kind))[index]
@@ -136,13 +137,17 @@ _WAN = "comfy.ldm.wan.model."
 # Token-level recompute (token_rows) is described for Flux and Wan, whose block args were checked:
 # Flux pe is the rotary table [B, 1, txt + img, ...] of cat(txt, img) (single blocks see cat(txt, img));
 # Wan pe is freqs [1, img, 1, ...], vec the modulation [B, 1 | frames | img, 6, dim].
+# Self-attention (each block's first attention call; Wan's second is cross-attention): Flux attends over
+# cat(txt, img) with q, k, v [B, heads, positions, head_dim] and a mask [..., queries, keys]; Wan over the
+# image tokens with q, k, v [B, positions, heads * head_dim].
 _FLUX_ROWS = (("pe", 2), ("attn_mask", (-2, -1)))
+_FLUX_ATTENTION = AttentionLayout(sequence_dim=2, key_rows=(("attn_mask", -1),))
 _FLUX_BLOCKS = (BlockKind("double_block", "double_blocks", ("img", "txt"), image_streams=("img",), text="txt",
-                          token_rows=_FLUX_ROWS),
+                          token_rows=_FLUX_ROWS, attention=_FLUX_ATTENTION),
                 BlockKind("single_block", "single_blocks", ("img",), image_streams=("img",), text="txt",
-                          token_rows=_FLUX_ROWS))
+                          token_rows=_FLUX_ROWS, attention=_FLUX_ATTENTION))
 _WAN_BLOCKS = (BlockKind("double_block", "blocks", ("img",), image_streams=("img",),
-                         token_rows=(("pe", 1), ("vec", 1))),)
+                         token_rows=(("pe", 1), ("vec", 1)), attention=AttentionLayout(sequence_dim=1)),)
 
 ADAPTERS = (
     Adapter("Flux (incl. Kontext, Flux 2)", ("comfy.ldm.flux.model.Flux",), _FLUX_BLOCKS,

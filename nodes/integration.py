@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import inspect
 import logging
 import time
@@ -36,6 +37,7 @@ from .calibration_store import calibrated_policy, save_calibration
 WRAPPER_KEY = "feature_cache"
 SETUP_KEY = "feature_cache_setup"
 RUN_KEY = "feature_cache_run"
+ATTENTION_OVERRIDE = "optimized_attention_override"  # the host's per-call attention hook (comfy...attention.wrap_attn)
 log = logging.getLogger("FeatureCache")
 # The transformer_options of the model call in progress (for block hooks whose args lack them).
 _CALL_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("feature_cache_call_options", default=None)
@@ -204,7 +206,8 @@ class _RunContext:
             adapter = setup.adapter
             self.blocks = BlockRunner(run, setup.config.site.plan(list(setup.layout)), adapter.streams(),
                                       self._modulated_input if adapter.modulated_input else None, self._token_grid,
-                                      adapter.token_layouts() if setup.config.tokens is not None else None)
+                                      adapter.token_layouts() if setup.config.tokens is not None else None,
+                                      _with_attention if adapter.hook == REPLACE else None)
             replaced = [f"{kind} {i}" for kind, count in setup.layout for i in range(count)
                         if adapter.hook == REPLACE
                         and not isinstance(self.replace_patches.get("dit", {}).get((kind, i)), BlockPatch)]
@@ -379,6 +382,19 @@ def _run_through_engine(kind: str, index: int, args: dict, run_block, transforme
         return run_block(args)
     sigma = context.sigma if context.sigma is not None else _current_sigma(transformer_options)
     return context.blocks(kind, index, args, run_block, _conditionings(transformer_options), sigma)
+
+
+def _with_attention(args: dict, hook) -> dict:
+    """A replace-hooked block's args whose transformer_options (a copy, for this block call only) route its
+    attention calls through `hook` (cache_core.tokens.SelfAttention), chained to any override already there."""
+    options = dict(args.get("transformer_options") or _CALL_OPTIONS.get() or {})
+    previous = options.get(ATTENTION_OVERRIDE)
+
+    def override(func, *a, **kw):
+        return hook(func if previous is None else functools.partial(previous, func), *a, **kw)
+
+    options[ATTENTION_OVERRIDE] = override
+    return {**args, "transformer_options": options}
 
 
 class BlockPatch:

@@ -185,14 +185,19 @@ class CacheTokenRatioNode(io.ComfyNode):
                 io.Boolean.Input("alternate", default=False,
                                  tooltip="DuCa: filled evaluations alternate between a partial recompute and a plain "
                                          "fill (faster), starting with a partial one."),
+                io.Boolean.Input("cached_attention", default=True, optional=True,
+                                 tooltip="The recomputed tokens attend to every token: keys and values of each "
+                                         "cached block's self-attention are kept from the last computed step "
+                                         "(more memory: two token tables per block and conditioning; the run's "
+                                         "report shows it). Off: they attend only to each other and the text."),
             ],
             outputs=[CacheTokens.Output(display_name="tokens")],
         )
 
     @classmethod
-    def execute(cls, selection, ratio, clusters, gamma, alternate):
+    def execute(cls, selection, ratio, clusters, gamma, alternate, cached_attention=True):
         return io.NodeOutput(_build(TokenConfig, selection=selection, ratio=ratio, clusters=clusters, gamma=gamma,
-                                    alternate=alternate))
+                                    alternate=alternate, cached_attention=cached_attention))
 
 
 class ApplyFeatureCacheNode(io.ComfyNode):

@@ -185,9 +185,10 @@ def tiny_cases(models: Models, quick: bool, wan_name: str = "tiny-wan", schedule
     return out
 
 
-def slice_case(host, quick: bool) -> Case:
+def slice_case(host, quick: bool, size: int | None = None) -> Case:
     """Wan 2.1 1.3B widths with 3 blocks and random weights, so compute dominates as on a GPU: the
-    speed (efficiency) case. Written once per process to a temporary folder, loaded by UNETLoader."""
+    speed (efficiency) case. Written once per process to a temporary folder, loaded by UNETLoader.
+    `size`: image pixels (default the tiny cases'), e.g. larger for token methods' realistic token counts."""
     dims = QUICK_SLICE_DIMS if quick else SLICE_DIMS
     folder = tempfile.mkdtemp(prefix="fc-slice-")
     atexit.register(shutil.rmtree, folder, True)
@@ -198,8 +199,11 @@ def slice_case(host, quick: bool) -> Case:
     host.add_model_dir(folder)
     paths = dict(wan_name=name, wan_labels=labels)
     sampler = dict(sampler_name="euler", scheduler="simple", steps=4 if quick else 8, cfg=CFG)
-    build = lambda **k: graphs.wan_graph(paths, size=QUICK_SIZE if quick else IMAGE_SIZE, **k)
+    size = size or (QUICK_SIZE if quick else IMAGE_SIZE)
+    build = lambda **k: graphs.wan_graph(paths, size=size, **k)
     model = "wan-slice dim {dim} ffn {ffn_dim} x{num_layers} blocks (random)".format(**dims)
+    if size != (QUICK_SIZE if quick else IMAGE_SIZE):
+        model += f", {size}px ({(size // 16) ** 2} image tokens)"
     return _case("slice", model, "image", sampler, build, labels, 1, [1], threads=2, fixed_only=True,
                  repeats=2 if quick else 3)
 

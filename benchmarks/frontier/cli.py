@@ -50,6 +50,9 @@ def parse_args(argv):
     schedule.add_argument("--cfg", type=float)
     schedule.add_argument("--labels", type=int, nargs="+", help="label rows of the label file (not with --workflow)")
     schedule.add_argument("--seeds", type=int, nargs="+", help="one sample per seed (and label)")
+    parser.add_argument("--slice-size", type=int,
+                        help="the slice's image size in pixels (default 128: 64 image tokens, where a CPU step is "
+                             "weights-bound; 256: 256 tokens, 512: 1024 tokens, as token methods need)")
     parser.add_argument("--repeats", type=int,
                         help="interleaved uncached/cached runs timed per setting (default: 1 with --quick, else the "
                              "case's: 2-3)")
@@ -90,7 +93,7 @@ def select_cases(host, args) -> tuple[list, dict]:
         raise ValueError(f"unknown case(s) {', '.join(unknown)}; available: {', '.join(ids)}")
     cases = [c for c in cases if c.id in wanted]
     if "slice" in wanted:
-        cases.append(frontier_cases.slice_case(host, args.quick))
+        cases.append(frontier_cases.slice_case(host, args.quick, args.slice_size))
     return cases, models.origin
 
 

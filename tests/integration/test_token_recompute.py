@@ -48,6 +48,7 @@ def test_ratio_one_is_bit_identical_to_the_uncached_graph(family, site, paths, r
     plain, _ = run_graph(GRAPHS[family](paths, steps=STEPS))
     latent, report = run_graph(token_graph(GRAPHS[family](paths, steps=STEPS), site=site, ratio=1.0))
     assert report["evaluations_partial"] == 4
+    assert report["attention_cache_bytes"] > 0  # the subset attended to the kept keys and values
     assert torch.equal(latent, plain)
 
 
@@ -85,3 +86,39 @@ def test_a_model_whose_adapter_cannot_gather_tokens_is_refused_before_sampling(p
 def test_benchmark_token_names_set_the_token_node(host, name, tokens):
     from benchmarks.frontier import names
     assert names.parse(host, name).inputs["tokens"] == tokens
+
+
+# (sequence dim of the self-attention's q, k, v; text rows; image tokens) of the tiny models at 64 pixels
+ATTENTION = {"flux": (2, 8, 16), "wan": (1, 0, 16)}
+
+
+@pytest.mark.parametrize("family", list(ATTENTION))
+def test_cached_attention_chains_the_users_attention_override_and_leaves_nothing_behind(family, models, product):
+    """The recomputed tokens' queries meet every position's keys, the user's own override still runs (after
+    ours), and after sampling the model's options hold exactly what they held before."""
+    from test_model_restored import _sample
+    integration, core = product("nodes.integration"), product("cache_core")
+    base, labels, shape = models[family]
+    dim, text, tokens = ATTENTION[family]
+    lengths = []
+
+    def user_override(func, *args, **kwargs):
+        lengths.append((args[0].shape[dim], args[1].shape[dim]))
+        return func(*args, **kwargs)
+
+    user = base.clone()
+    user.model_options["transformer_options"][integration.ATTENTION_OVERRIDE] = user_override
+    config = core.CacheConfig(policy=core.FixedInterval(interval=INTERVAL, warmup_steps=0),
+                              site=core.Site("span", probe_blocks=1), tokens=core.TokenConfig("random", 0.25))
+    outputs = {}
+    for model in (user, base):
+        handle = integration.CacheHandle()
+        cached = integration.install(model, config, handle)
+        outputs[model is user] = _sample(cached, labels, shape)
+        assert handle.last["evaluations_partial"] > 0 and handle.last["attention_cache_bytes"] > 0
+        assert cached.model_options["transformer_options"].get(integration.ATTENTION_OVERRIDE) is \
+            model.model_options["transformer_options"].get(integration.ATTENTION_OVERRIDE)
+    assert integration.ATTENTION_OVERRIDE not in base.model_options["transformer_options"]
+    assert (text + round(0.25 * tokens), text + tokens) in lengths  # a subset's queries, every position's keys
+    assert (text + tokens, text + tokens) in lengths  # whole blocks still reach the user's override
+    assert torch.equal(outputs[True], outputs[False])  # the user's override only watched

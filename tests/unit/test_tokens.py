@@ -1,10 +1,13 @@
-"""Token-level partial recompute on plain tensors: gather, selections, ratio 1, ClusCa propagation, fractions."""
+"""Token-level partial recompute on plain tensors: gather, selections, ratio 1, ClusCa propagation, fractions,
+attention to cached keys and values."""
+import dataclasses
+
 import pytest
 import torch
 
-from cache_core import (BlockRunner, CacheConfig, CacheRun, FixedInterval, ForecasterConfig, Site, TokenConfig,
+from cache_core import (AttentionLayout, BlockRunner, CacheConfig, CacheRun, FixedInterval, ForecasterConfig, Site, TokenConfig,
                         TokenLayout, Trace, COMPUTED, PARTIAL, REUSED)
-from cache_core.tokens import TokenState, gather, kmeans, spread_over_clusters
+from cache_core.tokens import SelfAttention, TokenState, gather, kmeans, positions_of, spread_over_clusters
 
 from test_engine import LAYOUT, SIGMAS, STREAMS, TinyDiT, _inputs, sample
 
@@ -193,3 +196,109 @@ def test_cluster_count_is_at_most_the_tokens_recomputed():
     assert TokenConfig(selection="cluster", clusters=3, ratio=0.25).clusters_for(16) == 3
     _, run, _ = sample_tokens(config("cluster", ratio=0.5, clusters=64))
     assert any("clusters used" in note for note in run.report()["notes"])
+
+
+# -- attention to cached keys and values -----------------------------------------------------------
+ATTENDING = {kind: dataclasses.replace(layout, attention=AttentionLayout(sequence_dim=1))
+             for kind, layout in LAYOUTS.items()}
+
+
+def _with_hook(args, hook):
+    return {**args, "hook": hook}
+
+
+class AttendingDiT(TinyDiT):
+    """TinyDiT whose blocks mix tokens: self-attention over cat(txt, img) (the args' "hook" routes the call, as
+    the host's attention override does), then a second attention call (cross-attention to a fixed context)."""
+
+    def __init__(self, dim=8, seed=0):
+        super().__init__(dim, seed)
+        self.context = torch.randn(1, 2, dim, generator=torch.Generator().manual_seed(seed + 1))
+
+    def _block(self, kind, i, sigma):
+        w = self.weights[(kind, i)]
+
+        def attention(q, k, v):
+            return torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1) @ v
+
+        def run(args):
+            self.calls += 1
+            hook = args.get("hook")
+            attend = (lambda *a: hook(attention, *a)) if hook else attention
+            h = torch.cat([args["txt"], args["img"]], 1) if kind == "double" else args["img"]
+            h = h + sigma * attend(h @ w, h @ w.T, torch.tanh(h))
+            h = h + attend(h, self.context.expand(h.shape[0], -1, -1), self.context.expand(h.shape[0], -1, -1))
+            if kind == "double":
+                return {"txt": h[:, :args["txt"].shape[1]], "img": h[:, args["txt"].shape[1]:]}
+            return {"img": h}
+        return run
+
+
+def _attending_runner(cfg, attention=True):
+    run = CacheRun(cfg, cfg.site.rows(LAYOUT), SIGMAS)
+    return run, BlockRunner(run, cfg.site.plan(LAYOUT), STREAMS, token_layouts=ATTENDING,
+                            with_attention=_with_hook if attention else None)
+
+
+@pytest.mark.parametrize("site", ["span", "blocks"])
+def test_ratio_one_with_cached_attention_is_a_full_compute(site):
+    model, (img, txt) = AttendingDiT(), _inputs()
+    full_run, full = _attending_runner(CacheConfig(policy=FixedInterval(interval=1), site=Site(site, probe_blocks=1)))
+    run, partial = _attending_runner(config("random", ratio=1.0, site=site))
+    for sigma in SIGMAS[:4]:
+        expected = model(img, txt, sigma, ["c", "u"], full)
+        assert torch.equal(model(img, txt, sigma, ["c", "u"], partial), expected)
+        img = img + 0.05 * expected
+    assert [ev.decision for ev in run.trace.evaluations] == [COMPUTED, PARTIAL, PARTIAL, COMPUTED]
+    assert run.report()["attention_cache_bytes"] > 0
+
+
+@pytest.mark.parametrize("selection", ["score", "cluster", "random"])
+def test_the_subset_attends_to_the_cached_keys_and_values_of_every_token(selection):
+    """An evaluation whose input equals the computed one's: with cached keys and values the recomputed tokens
+    see exactly what they saw then, so the whole output is the computed one; attending only to each other
+    they do not."""
+    model, (img, txt) = AttendingDiT(), _inputs()
+    outputs = {}
+    for attention in (True, False):
+        run, runner = _attending_runner(config(selection, ratio=0.5, clusters=2), attention)
+        computed = model(img, txt, SIGMAS[0], ["c", "u"], runner)
+        outputs[attention] = model(img, txt, SIGMAS[0], ["c", "u"], runner)  # a new evaluation, same input
+        assert [ev.decision for ev in run.trace.evaluations] == [COMPUTED, PARTIAL]
+    assert torch.allclose(outputs[True], computed, atol=1e-5)
+    assert not torch.allclose(outputs[False], computed, atol=1e-3)
+
+
+def test_self_attention_hook_passes_other_calls_and_writes_fresh_rows_into_the_cached_keys():
+    kept = []
+    cached = (torch.zeros(1, 5, 2), torch.ones(1, 5, 2))
+    hook = SelfAttention(AttentionLayout(sequence_dim=1, call=1), lambda k, v: kept.append((k, v)), cached,
+                         positions_of(torch.tensor([1, 2]), 1))  # text row 0, tokens 1 and 2: positions 0, 2, 3
+    echo = lambda q, k, v, *rest, **kw: (k, v, rest, kw)
+    fresh = torch.full((1, 3, 2), 7.0)
+    assert hook(echo, fresh, fresh, fresh)[0] is fresh  # call 0 (cross-attention, say): untouched
+    k, v, rest, kw = hook(echo, fresh, fresh, fresh, 4, mask=None)
+    assert k[0, :, 0].tolist() == [7, 0, 7, 7, 0] and v[0, :, 0].tolist() == [7, 1, 7, 7, 1]
+    assert rest == (4,) and kw == {"mask": None} and kept[0][0] is k
+    assert torch.equal(cached[0], torch.zeros(1, 5, 2))  # the cache is written by `keep`, never in place
+
+
+def test_cached_attention_keeps_two_tables_per_cached_block_and_conditioning():
+    run, runner = _attending_runner(config("random", ratio=0.5))
+    AttendingDiT()(*_inputs(), SIGMAS[0], ["c", "u"], runner)
+    # span site, probe 1: 4 cached blocks (1 double, 3 single), each attending over 3 text + 6 tokens of width 8
+    assert run.tokens.keys_values_bytes == 4 * 2 * 2 * (9 * 8 * 4)
+    assert run.report()["peak_cache_bytes"] >= run.tokens.keys_values_bytes
+
+
+def test_kept_keys_values_are_batched_per_conditioning_and_dropped_with_its_caches():
+    state = TokenState(TokenConfig())
+    k, v = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    state.keep_keys_values("b", ["c", "u"], k, v)
+    assert state.keys_values_bytes == 2 * k.numel() * 4
+    assert torch.equal(state.cached_keys_values("b", ["u", "c"], 5, 1)[0], torch.cat([k[1:], k[:1]]))
+    assert state.cached_keys_values("b", ["c"], 6, 1) is None  # other positions: not these
+    state.drop_keys_values("c")
+    assert state.cached_keys_values("b", ["c", "u"], 5, 1) is None and state.keys_values_bytes == k.numel() * 4
+    state.drop_keys_values()
+    assert state.keys_values == {} and state.keys_values_bytes == 0
