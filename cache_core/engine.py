@@ -401,8 +401,17 @@ class CacheRun:
         return index
 
     def keep_keys_values(self, block, k: torch.Tensor, v: torch.Tensor) -> None:
-        """A cached block's self-attention keys and values of every position (for partial evaluations)."""
+        """A cached block's self-attention keys and values of every position (for partial evaluations), kept
+        only within the memory budget that the other caches leave (a block without them attends to the subset)."""
         if self.over_budget:
+            return
+        budget = self.config.memory_budget_mb * 2**20
+        growth = self.tokens.growth_of_keys_values(block, self.uuids, k, v)
+        if budget and self.cache_bytes + self.tokens.nbytes + growth > budget:
+            self.tokens.drop_keys_values(block=block)
+            self.note_once(f"the memory budget of {format_bytes(budget)} leaves no room for the attention keys and "
+                           "values of some cached blocks: their recomputed tokens attend only to each other and the "
+                           "text (raise memory_budget_mb or set cache_device to cpu)")
             return
         self.tokens.keep_keys_values(block, self.uuids, k, v, torch.device("cpu") if self.offloaded else None)
         self.account_tokens()

@@ -348,9 +348,14 @@ class TokenState:
             self.keys_values_bytes += sum(_bytes(t) for t in pair) - sum(_bytes(t) for t in previous)
             self.keys_values[(block, uuid)] = pair
 
-    def drop_keys_values(self, uuid=None) -> None:
-        """Forget the kept keys and values of one conditioning (None: of all)."""
-        for key in [k for k in self.keys_values if uuid is None or k[1] == uuid]:
+    def growth_of_keys_values(self, block, uuids: list, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Bytes that keeping these keys and values would add to those kept now."""
+        previous = sum(_bytes(t) for u in uuids for t in self.keys_values.get((block, u), ()))
+        return _bytes(k) + _bytes(v) - previous
+
+    def drop_keys_values(self, uuid=None, block=None) -> None:
+        """Forget the kept keys and values of one conditioning, or of one block (None and None: all)."""
+        for key in [k for k in self.keys_values if (uuid is None or k[1] == uuid) and (block is None or k[0] == block)]:
             self.keys_values_bytes -= sum(_bytes(t) for t in self.keys_values.pop(key))
 
     def cached_keys_values(self, block, uuids: list, positions: int, dim: int) -> Optional[tuple]:

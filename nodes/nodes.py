@@ -188,8 +188,9 @@ class CacheTokenRatioNode(io.ComfyNode):
                 io.Boolean.Input("cached_attention", default=True, optional=True,
                                  tooltip="The recomputed tokens attend to every token: keys and values of each "
                                          "cached block's self-attention are kept from the last computed step "
-                                         "(more memory: two token tables per block and conditioning; the run's "
-                                         "report shows it). Off: they attend only to each other and the text."),
+                                         "(more memory: two token tables per block and conditioning, within "
+                                         "Apply Feature Cache's memory budget when one is set; the run's report "
+                                         "shows it). Off: they attend only to each other and the text."),
             ],
             outputs=[CacheTokens.Output(display_name="tokens")],
         )

@@ -302,3 +302,19 @@ def test_kept_keys_values_are_batched_per_conditioning_and_dropped_with_its_cach
     assert state.cached_keys_values("b", ["c", "u"], 5, 1) is None and state.keys_values_bytes == k.numel() * 4
     state.drop_keys_values()
     assert state.keys_values == {} and state.keys_values_bytes == 0
+
+
+def test_the_memory_budget_bounds_the_kept_keys_values_and_those_blocks_attend_to_the_subset():
+    def first_partial(budget_mb):
+        cfg = dataclasses.replace(config("random", ratio=0.5), memory_budget_mb=budget_mb)
+        run, runner = _attending_runner(cfg)
+        model, (img, txt) = AttendingDiT(), _inputs()
+        model(img, txt, SIGMAS[0], ["c", "u"], runner)
+        return model(img, txt, SIGMAS[0], ["c", "u"], runner), run
+    unbounded, run = first_partial(0.0)
+    per_block = run.tokens.keys_values_bytes // 4
+    room = (run.cache_bytes + run.tokens.nbytes - 2 * per_block) / 2**20  # for all but two blocks' keys and values
+    bounded, run = first_partial(room)
+    assert 0 < run.tokens.keys_values_bytes < 4 * per_block
+    assert any("leaves no room for the attention keys" in note for note in run.report()["notes"])
+    assert not torch.allclose(bounded, unbounded, atol=1e-3)  # some blocks attended to the subset only
