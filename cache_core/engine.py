@@ -45,6 +45,28 @@ def host_values(scalars: list) -> list:
         for i, value in zip(members, torch.stack([scalars[i].float() for i in members]).tolist()):
             values[i] = value
     return values
+
+
+# Without a memory budget, kept attention keys and values (gigabytes per block at video sizes) take at most
+# this share of the memory that was free on their device when the first were kept.
+ATTENTION_SHARE_OF_FREE = 0.5
+
+
+def free_memory_bytes(device: torch.device) -> Optional[int]:
+    """Memory free on `device` now (CUDA: the driver's count; CPU: MemAvailable); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return None
+
+
 CACHE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -121,6 +143,7 @@ class CacheRun:
         self.trace = Trace(rows)
         self.notes: list[str] = []
         self.peak_bytes = 0
+        self.attention_room: Optional[float] = None  # bytes kept attention keys and values may take (no budget)
         self.over_budget = False
         self._budget_noted = False
         self.orders_lowered = 0  # by the memory budget, for every forecaster of the run
@@ -402,9 +425,11 @@ class CacheRun:
 
     def keep_keys_values(self, block, k: torch.Tensor, v: torch.Tensor) -> None:
         """A cached block's self-attention keys and values of every position (for partial evaluations), kept
-        only within the memory budget that the other caches leave (a block without them attends to the subset)."""
+        only within the memory budget that the other caches leave, or without a budget within a share of the
+        memory free on their device (a block without them attends to the subset)."""
         if self.over_budget:
             return
+        device = torch.device("cpu") if self.offloaded else k.device
         budget = self.config.memory_budget_mb * 2**20
         growth = self.tokens.growth_of_keys_values(block, self.uuids, k, v)
         if budget and self.cache_bytes + self.tokens.nbytes + growth > budget:
@@ -413,7 +438,18 @@ class CacheRun:
                            "values of some cached blocks: their recomputed tokens attend only to each other and the "
                            "text (raise memory_budget_mb or set cache_device to cpu)")
             return
-        self.tokens.keep_keys_values(block, self.uuids, k, v, torch.device("cpu") if self.offloaded else None)
+        if not budget:
+            if self.attention_room is None:
+                free = free_memory_bytes(device)
+                self.attention_room = math.inf if free is None else ATTENTION_SHARE_OF_FREE * free
+            if self.tokens.keys_values_bytes + growth > self.attention_room:
+                self.tokens.drop_keys_values(block=block)
+                self.note_once(f"the attention keys and values of some cached blocks would take more than "
+                               f"{ATTENTION_SHARE_OF_FREE:.0%} of the {device.type} memory free at the start "
+                               f"({format_bytes(self.attention_room)}): those blocks' recomputed tokens attend only "
+                               "to each other and the text (set memory_budget_mb to choose, or cache_device to cpu)")
+                return
+        self.tokens.keep_keys_values(block, self.uuids, k, v, device if self.offloaded else None)
         self.account_tokens()
 
     def account_tokens(self) -> None:

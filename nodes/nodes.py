@@ -189,8 +189,8 @@ class CacheTokenRatioNode(io.ComfyNode):
                                  tooltip="The recomputed tokens attend to every token: keys and values of each "
                                          "cached block's self-attention are kept from the last computed step "
                                          "(more memory: two token tables per block and conditioning, within "
-                                         "Apply Feature Cache's memory budget when one is set; the run's report "
-                                         "shows it). Off: they attend only to each other and the text."),
+                                         "Apply Feature Cache's memory budget when one is set, else within half "
+                                         "of the memory free on their device; the run's report shows it). Off: they attend only to each other and the text."),
             ],
             outputs=[CacheTokens.Output(display_name="tokens")],
         )

@@ -318,3 +318,21 @@ def test_the_memory_budget_bounds_the_kept_keys_values_and_those_blocks_attend_t
     assert 0 < run.tokens.keys_values_bytes < 4 * per_block
     assert any("leaves no room for the attention keys" in note for note in run.report()["notes"])
     assert not torch.allclose(bounded, unbounded, atol=1e-3)  # some blocks attended to the subset only
+
+
+def test_without_a_budget_the_kept_keys_values_take_at_most_a_share_of_the_free_memory(monkeypatch):
+    import cache_core.engine as engine
+
+    def first_partial(free_bytes):
+        monkeypatch.setattr(engine, "free_memory_bytes", lambda device: free_bytes)
+        run, runner = _attending_runner(config("random", ratio=0.5))
+        model, (img, txt) = AttendingDiT(), _inputs()
+        model(img, txt, SIGMAS[0], ["c", "u"], runner)
+        return model(img, txt, SIGMAS[0], ["c", "u"], runner), run
+    unbounded, run = first_partial(None)  # free memory unknown: no limit
+    per_block = run.tokens.keys_values_bytes // 4
+    assert per_block > 0 and not run.report()["notes"]
+    bounded, run = first_partial(2 * per_block / engine.ATTENTION_SHARE_OF_FREE)  # room for two blocks
+    assert run.tokens.keys_values_bytes == 2 * per_block
+    assert any("of the cpu memory free at the start" in note for note in run.report()["notes"])
+    assert not torch.allclose(bounded, unbounded, atol=1e-3)
