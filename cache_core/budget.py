@@ -18,6 +18,8 @@ evaluations left are no more than the computes still owed.
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from typing import Optional
 
 FASTEST_BUDGET = 0.15
@@ -125,3 +127,71 @@ class BudgetController:
         """A fill the engine turned into a compute after all (no safe forecast)."""
         self.previous = None
         self.computes += 1
+
+
+PLAN_EXPONENT = 2.0
+
+
+def plan_computes(schedule: list, computes: int, exponent: float = PLAN_EXPONENT) -> list:
+    """The steps to compute, planned from the sampler's sigmas so that the fills cost least.
+
+    A step i filled from the values computed up to step c misses the change since sigma_c and acts over
+    the step's length sigma_i - sigma_{i+1}: its error in the sample is ~ (sigma_c - sigma_i)^exponent *
+    (sigma_i - sigma_{i+1}), exponent 1 for a reused value, 2 for a first-order forecast (the default:
+    measured best of 1, 1.5, 2, 3 across the bundled cases with the `auto` forecaster). The plan minimises the sum
+    over the filled steps with `computes` computes, the first step always among them (dynamic
+    programming over the schedule). On a schedule that spends many steps where sigma barely moves
+    (Wan's shifted simple schedule, beta) the computes go to the long steps at the end; on karras,
+    whose last steps are tiny, to the start.
+    """
+    sigmas = np.asarray(schedule, dtype=np.float64)
+    n = len(sigmas) - 1
+    computes = max(1, min(n, computes))
+    lengths = np.abs(sigmas[:-1] - sigmas[1:])
+    # gap[c, e]: cost of filling the steps c+1 .. e-1 from a compute at step c (e = n: to the end)
+    gap = np.full((n, n + 1), np.inf)
+    for c in range(n):
+        drift = np.abs(sigmas[c] - sigmas[c + 1:n]) ** exponent * lengths[c + 1:]
+        gap[c, c + 1:] = np.concatenate([[0.0], np.cumsum(drift)])
+    best = np.full(n, np.inf)  # best[c]: least cost of steps 0..c-1 with the latest compute at c
+    best[0] = 0.0
+    choices = []
+    for _ in range(computes - 1):
+        totals = best[:, None] + gap[:, :n]  # [previous compute, next compute]
+        choice = totals.argmin(axis=0)
+        best = totals[choice, np.arange(n)]
+        best[0] = np.inf
+        choices.append(choice)
+    last = int(np.argmin(best + gap[:, n]))
+    plan = [last]
+    for choice in reversed(choices):
+        plan.append(int(choice[plan[-1]]))
+    return sorted(plan)
+
+
+class PlannedGate:
+    """Computes the steps planned from the schedule (plan_computes) for the budget, every evaluation of
+    them (a sampler with two evaluations per step computes both)."""
+
+    threshold = None
+
+    def __init__(self, budget: float, schedule: list, fill_cost: float = 0.0):
+        if len(schedule) < 2:
+            raise ValueError("a planned gate needs the sampler's schedule (at least two sigmas)")
+        self.budget = budget
+        self.fill_cost = fill_cost
+        self.plan = set(plan_computes(schedule, round((len(schedule) - 1) * self.compute_share)))
+
+    compute_share = BudgetController.compute_share
+
+    def count(self) -> None:
+        pass
+
+    def wants_compute(self, value: float, step: int) -> bool:
+        return self.budget >= 1.0 or step in self.plan
+
+    def record(self, value: Optional[float], compute: bool) -> None:
+        pass
+
+    def overruled(self) -> None:
+        pass

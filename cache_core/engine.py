@@ -278,7 +278,7 @@ class CacheRun:
 
     def _gate(self, scope: Optional[Scope]):
         if scope not in self.gates:
-            self.gates[scope] = self.config.policy.new_gate(self.steps, self.fill_cost)
+            self.gates[scope] = self.config.policy.new_gate(self.steps, self.fill_cost, tuple(self.schedule))
         return self.gates[scope]
 
     def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]],

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .budget import BudgetController, ThresholdGate, budget_for_speed
+from .budget import BudgetController, PlannedGate, ThresholdGate, budget_for_speed
 from .calibration import MagnitudeCurve
 
 # Indicators a site can provide to a policy at its decision point.
@@ -160,7 +160,8 @@ class Policy:
             return self.max_consecutive
         return max(self.max_consecutive, math.ceil(2.0 / max(compute_share, 1e-3)) - 1)
 
-    def new_gate(self, steps: int, fill_cost: float):
+    def new_gate(self, steps: int, fill_cost: float, schedule: tuple = ()):
+        """`schedule`: the sampler's sigmas (the last one 0), for policies that plan from it."""
         if self.budget is None:
             return ThresholdGate(self.effective_threshold)
         return BudgetController(self.budget, steps, fill_cost)
@@ -237,6 +238,20 @@ class FixedInterval(Policy):
 
     def new_state(self):
         return _CountingState()
+
+
+@dataclass(frozen=True)
+class Planned(FixedInterval):
+    """Computes planned from the sampler's sigmas before the run (budget.plan_computes): the steps where
+    a fill would cost most (long steps far from the last compute) are computed. Schedule-only, so every
+    rank and every run of a schedule decides alike; `threshold` / `interval` fall back to a fixed interval."""
+
+    method = "planned"
+
+    def new_gate(self, steps: int, fill_cost: float, schedule: tuple = ()):
+        if self.budget is None or len(schedule) < 2:
+            return super().new_gate(steps, fill_cost, schedule)
+        return PlannedGate(self.budget, list(schedule), fill_cost)
 
 
 class _CountingState(PolicyState):
@@ -689,7 +704,7 @@ class SpeCa(Policy):
     def threshold_at(self, progress: float) -> float:
         return self.tolerance * self.decay ** progress
 
-    def new_gate(self, steps: int, fill_cost: float):
+    def new_gate(self, steps: int, fill_cost: float, schedule: tuple = ()):
         return ThresholdGate(math.inf)  # draft whenever the engine does not force a compute
 
     def new_state(self):
@@ -710,6 +725,6 @@ class _VerifiedDraftState(PolicyState):
         return error <= self.tolerance
 
 
-POLICIES = {cls.method: cls for cls in (FixedInterval, TeaCache, EasyCache, FirstBlock, DiCache, MagCache, Foresight,
+POLICIES = {cls.method: cls for cls in (FixedInterval, Planned, TeaCache, EasyCache, FirstBlock, DiCache, MagCache, Foresight,
                                         Delta, SpeCa)}
 

@@ -9,8 +9,8 @@ from .forecasters import ForecasterConfig
 from .policies import POLICIES, Policy
 
 DEFAULT_METHOD = "default"
-RECOMMENDED_POLICY = "easycache"
-RECOMMENDED_FORECASTER = ForecasterConfig("reuse", 0)
+RECOMMENDED_POLICY = "planned"
+RECOMMENDED_FORECASTER = ForecasterConfig("auto")
 RECOMMENDED_SITE = "model"
 RECOMMENDED_PROBE_BLOCKS = 1
 

@@ -28,6 +28,8 @@ CATEGORY = "model_patches/feature_cache"
 _METHOD_HELP = {
     DEFAULT_METHOD: "the recommended method (README: chosen on the benchmark across models and samplers)",
     "fixed": "fixed interval (FORA): evenly spaced computes within the budget",
+    "planned": "computes planned from the sampler's sigmas before the run: the long steps far from the last "
+               "compute are computed, the others filled (the same decisions for every run of a schedule)",
     "teacache": "TeaCache: accumulated change of the timestep-modulated input",
     "easycache": "EasyCache: predicted output change from the input change and the transformation rate",
     "first_block": "first-block / DBCache: compare the residual of the probe blocks (needs a block site, probe >= 1)",
@@ -113,6 +115,8 @@ _FORECASTER_HELP = {
     "spectrum": "Chebyshev ridge fit over every computed point of the run (Spectrum); uses degree and ridge",
     "freqca": "low spatial frequencies reused, high ones forecast by Hermite order 2 (FreqCa); uses cutoff",
     "hyca": "per group of feature channels, the candidate that forecast best during warmup (HyCa); uses groups",
+    "auto": "online selection: at every computed step each candidate (reuse, Taylor, HiCache, FoCa, Spectrum) is "
+            "back-tested on the value just computed, and the one with the least recent error fills; uses groups",
 }
 _FORECASTER_DEFAULTS = ForecasterConfig()
 
@@ -145,8 +149,8 @@ class CacheForecasterNode(io.ComfyNode):
                                tooltip="freqca: low-pass cutoff as a fraction of the highest spatial frequency of the "
                                        "token grid (authors: ~0.1)."),
                 io.Int.Input("groups", default=d.groups, min=1, max=1024, optional=True,
-                             tooltip="hyca: feature channels are split into this many groups, each with its own "
-                                     "forecaster chosen during warmup."),
+                             tooltip="hyca / auto: feature channels are split into this many groups, each with its "
+                                     "own forecaster (hyca: chosen during warmup; auto: revised at every compute)."),
             ],
             outputs=[CacheForecaster.Output(display_name="forecaster")],
         )

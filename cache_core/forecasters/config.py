@@ -1,6 +1,7 @@
 """The forecaster setting (frozen, primitives only, picklable) and the per-run object it builds."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -14,10 +15,14 @@ from .spectrum import SpectrumForecaster
 MAX_TAYLOR_ORDER = 4
 # kind -> (lowest order, default order); the other kinds take no order (0)
 ORDERS = {"taylor": (0, 2), "hicache": (1, 2), "ab": (1, 2)}
-FORECASTER_KINDS = ("reuse", "taylor", "hicache", "ab", "foca", "spectrum", "freqca", "hyca")
+FORECASTER_KINDS = ("reuse", "taylor", "hicache", "ab", "foca", "spectrum", "freqca", "hyca", "auto")
 GRID_KINDS = ("freqca",)  # kinds that need the image-token grid of the cached value
 # HyCa's candidates, simplest first (the simplest wins a tie)
 HYBRID_CANDIDATES = (("reuse", 0), ("taylor", 1), ("taylor", 2), ("hicache", 2), ("foca", 0))
+# online selection (auto): the same candidates and Spectrum's global fit; older back-tests weigh AUTO_DECAY
+# times less at each new one
+AUTO_CANDIDATES = (*HYBRID_CANDIDATES, ("spectrum", 0))
+AUTO_DECAY = 0.5
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,8 @@ class ForecasterConfig:
 
     contraction: HiCache's Hermite contraction (hicache, and freqca's high band); degree / ridge:
     Spectrum's Chebyshev degree and ridge penalty; cutoff: FreqCa's low-pass cutoff as a fraction
-    of the grid's highest frequency; groups: HyCa's number of feature-dimension groups.
+    of the grid's highest frequency; groups: the number of feature-dimension groups
+    that hyca and auto each choose a candidate for.
     """
 
     kind: str = "reuse"
@@ -104,7 +110,8 @@ class ForecasterConfig:
             return SpectrumForecaster(self.degree, self.ridge, storage)
         if kind == "freqca":
             return FrequencyForecaster(self.cutoff, self.contraction, grid, storage)
-        candidates = {ForecasterConfig(k, o).label: ForecasterConfig(k, o, contraction=self.contraction).new_state(
-            storage, grid) for k, o in HYBRID_CANDIDATES}
-        selection = (shared if shared is not None else {}).setdefault("hyca", Selection())
+        online = kind == "auto"
+        candidates = {ForecasterConfig(k, o).label: dataclasses.replace(self, kind=k, order=o).new_state(storage, grid)
+                      for k, o in (AUTO_CANDIDATES if online else HYBRID_CANDIDATES)}
+        selection = (shared if shared is not None else {}).setdefault(kind, Selection(AUTO_DECAY if online else None))
         return HybridForecaster(candidates, self.groups, grid.feature_dim if grid is not None else -1, selection)

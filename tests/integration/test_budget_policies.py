@@ -7,7 +7,7 @@ from cache_core import budget_for_speed
 
 STEPS = 20
 SPEED = 0.5  # budget 0.387: reachable at the span site of the 4-block Wan and 6-block Flux fixtures
-METHODS = [("fixed", "model"), ("teacache", "span"), ("easycache", "model"), ("first_block", "span"),
+METHODS = [("fixed", "model"), ("planned", "model"), ("teacache", "span"), ("easycache", "model"), ("first_block", "span"),
            ("dicache", "span"), ("default", "span")]
 
 
@@ -62,10 +62,12 @@ def test_dicache_on_the_model_site_is_refused_before_sampling(paths, run_graph):
         run_graph(_graph("wan", paths, "dicache", "model"))
 
 
-def test_budget_holds_with_two_evaluations_per_step(paths, run_graph):
-    """Heun evaluates the model twice per step (once at the end): the controller learns it as the run goes."""
+@pytest.mark.parametrize("method", ["easycache", "default"])
+def test_budget_holds_with_two_evaluations_per_step(method, paths, run_graph):
+    """Heun evaluates the model twice per step (once at the end): the controller learns it as the run goes;
+    the default's plan computes every evaluation of a planned step."""
     graph = with_cache(GRAPHS["wan"](paths, steps=12, sampler_name="heun"), apply={"site": "model"},
-                       policy={"method": "easycache", "speed": SPEED})
+                       policy={"method": method, "speed": SPEED})
     latent, report = run_graph(graph)
     assert report["evaluations"] > 12 and torch.isfinite(latent).all()
     assert abs(report["compute_fraction"] - report["budget"]) <= 0.05, report["notes"]

@@ -8,7 +8,7 @@ from benchmarks.graphs import GRAPHS, with_cache
 
 STEPS = 8
 FIXED = {"method": "fixed", "threshold": 4.0}  # interval 4: evaluations 0 and 4 computed
-KINDS = ["reuse", "taylor", "hicache", "ab", "foca", "spectrum", "freqca", "hyca"]
+KINDS = ["reuse", "taylor", "hicache", "ab", "foca", "spectrum", "freqca", "hyca", "auto"]
 # (family, site) per run: every kind at the model site on Wan and at the blocks site on Flux
 # (whose single blocks see cat(txt, img)); freqca also on Wan's span.
 RUNS = [(kind, "wan", "model") for kind in KINDS] + [(kind, "flux", "blocks") for kind in KINDS] + [
@@ -40,7 +40,7 @@ def test_every_forecaster_kind_samples_through_the_host(kind, family, site, path
     assert report["compute_fraction"] == pytest.approx(reuse_report["compute_fraction"])
     if kind == "reuse":
         assert torch.equal(latent, reuse_latent)
-    elif kind != "hyca":  # HyCa may keep reuse everywhere after two computed points
+    elif kind not in ("hyca", "auto"):  # selections may keep reuse everywhere after two computed points
         assert not torch.equal(latent, reuse_latent)
 
 

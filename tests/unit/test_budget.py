@@ -1,10 +1,11 @@
 """The budget controller on synthetic indicator sequences: the compute fraction lands on the budget."""
+import itertools
 import math
 
 import pytest
 
 from cache_core import budget_for_speed
-from cache_core.budget import BudgetController
+from cache_core.budget import PLAN_EXPONENT, BudgetController, PlannedGate, plan_computes
 
 SHAPES = {
     "constant": lambda x: 1.0,
@@ -69,3 +70,40 @@ def test_budget_one_computes_everything_and_speed_maps_monotonically():
     assert all(a > b for a, b in zip(budgets, budgets[1:]))
     with pytest.raises(ValueError):
         budget_for_speed(1.2)
+
+
+KARRAS = [1.0, 0.83, 0.69, 0.56, 0.46, 0.37, 0.30, 0.24, 0.19, 0.15, 0.12, 0.09, 0.07, 0.05, 0.04, 0.03, 0.02, 0.0]
+SHIFTED = [1.0, 0.995, 0.99, 0.98, 0.97, 0.96, 0.94, 0.92, 0.89, 0.85, 0.79, 0.70, 0.58, 0.40, 0.22, 0.0]
+
+
+def _fill_cost(schedule, plan, exponent=PLAN_EXPONENT):
+    cost, last = 0.0, None
+    for i in range(len(schedule) - 1):
+        if i in plan:
+            last = i
+        else:
+            cost += abs(schedule[last] - schedule[i]) ** exponent * abs(schedule[i] - schedule[i + 1])
+    return cost
+
+
+@pytest.mark.parametrize("schedule", [KARRAS, SHIFTED])
+@pytest.mark.parametrize("computes", [1, 3, 5])
+def test_planned_computes_are_the_cheapest_set_of_their_size(schedule, computes):
+    plan = plan_computes(schedule, computes)
+    assert plan[0] == 0 and len(plan) == len(set(plan)) == computes
+    others = [[0, *rest] for rest in itertools.combinations(range(1, len(schedule) - 1), computes - 1)]
+    assert _fill_cost(schedule, plan) == pytest.approx(min(_fill_cost(schedule, p) for p in others))
+
+
+def test_plans_follow_where_the_schedule_moves():
+    """karras front-loads its long steps, a shifted schedule back-loads them: the computes go there."""
+    assert max(plan_computes(KARRAS, 5)) < len(KARRAS) // 2
+    assert min(plan_computes(SHIFTED, 5)[1:]) > len(SHIFTED) // 2
+
+
+@pytest.mark.parametrize("budget", [0.15, 0.32, 0.5, 1.0])
+def test_the_planned_gate_computes_the_budget(budget):
+    gate = PlannedGate(budget, KARRAS)
+    steps = len(KARRAS) - 1
+    computed = sum(gate.wants_compute(0.0, step) for step in range(steps))
+    assert computed == (steps if budget == 1.0 else round(steps * budget))

@@ -189,18 +189,44 @@ def test_configs_are_picklable_and_round_trip():
     config = ForecasterConfig("spectrum", degree=3, ridge=0.5)
     assert pickle.loads(pickle.dumps(config)) == config == ForecasterConfig.from_dict(config.to_dict())
     assert [ForecasterConfig(k).label for k in FORECASTER_KINDS] == [
-        "reuse", "taylor2", "hicache", "ab2", "foca", "spectrum", "freqca", "hyca"]
+        "reuse", "taylor2", "hicache", "ab2", "foca", "spectrum", "freqca", "hyca", "auto"]
 
 
-def test_hyca_takes_one_choice_for_every_conditioning_of_a_value():
+def test_auto_fills_with_an_exact_forecaster_on_a_polynomial_and_with_reuse_on_noisy_steps():
+    times = _grid_times(7, 11)
+    coeffs = [torch.randn(1, 2, 4, 4, dtype=torch.float64) for _ in range(3)]  # degree 2
+    f = _feed(ForecasterConfig("auto"), times, [_poly(coeffs, t) for t in times])
+    assert "reuse" not in f.choice
+    assert torch.allclose(f.predict(0.01), _poly(coeffs, 0.01), atol=1e-6)
+    level = torch.randn(1, 2, 4, 4)
+    steps = [level * (1 + (i // 2)) + 0.3 * torch.randn(1, 2, 4, 4) for i in range(len(times))]
+    assert set(_feed(ForecasterConfig("auto"), times, steps).choice) == {"reuse"}
+
+
+def test_auto_revises_its_choice_as_the_run_changes_and_keeps_every_candidate():
+    times = [1.0 - 0.1 * i for i in range(10)]
+    trend, level = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    f = ForecasterConfig("auto").new_state()
+    for t in times[:5]:
+        f.update(t, trend * t)  # a line: a forecast wins
+    smooth_choice = set(f.choice)
+    for i, t in enumerate(times[5:]):
+        f.update(t, level * (-1) ** i)  # the run turns erratic: reuse errs least
+    assert "reuse" not in smooth_choice and set(f.choice) == {"reuse"}
+    assert len(f.candidates) == len(ForecasterConfig("auto").new_state().candidates)
+
+
+@pytest.mark.parametrize("kind", ["hyca", "auto"])
+def test_selections_take_one_choice_for_every_conditioning_of_a_value(kind):
     """With CFG, cond forecast and uncond reused would amplify their difference: the choice is shared."""
     times = _grid_times(6, 5)
     shared = {}
-    config = ForecasterConfig("hyca", groups=2)
+    config = ForecasterConfig(kind, groups=2)
     cond, uncond = config.new_state(grid=GRID, shared=shared), config.new_state(grid=GRID, shared=shared)
     trend, still = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
     for t in times:
         cond.update(t, trend * t)  # alone it would choose a forecast
         uncond.update(t, still + 0.001 * torch.randn(1, 2, 4, 4))  # alone it would choose reuse
     assert cond.choice is not None and cond.choice == uncond.choice
-    assert set(cond.candidates) == set(uncond.candidates) == set(cond.choice)
+    if kind == "hyca":
+        assert set(cond.candidates) == set(uncond.candidates) == set(cond.choice)
