@@ -14,13 +14,16 @@ the value reaches (mean increment per evaluation) x (evaluations left / computes
 computes go where the indicator grows fastest, and the plan is revised at every evaluation. Two
 guards make the total exact: no compute once the budget is spent, and a compute whenever the
 evaluations left are no more than the computes still owed.
+
+The `planned` policy needs no indicator: it knows the sigmas of the whole schedule before the run and
+chooses its computes there (plan_computes, PlannedGate).
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
-from typing import Optional
 
 FASTEST_BUDGET = 0.15
 

@@ -76,7 +76,7 @@ def test_cfg_branch_cache_leaves_feature_cache_fills_to_the_feature_cache(paths,
     except that a negative branch whose cache predates the positive's last compute (a CFG-filled step) runs
     alone, at half the batch."""
     policy = {"method": "fixed", "threshold": 2.0, "warmup_steps": 0}
-    graph = with_cache(GRAPHS["wan"](paths, steps=STEPS), policy=policy,
+    graph = with_cache(GRAPHS["wan"](paths, steps=STEPS), policy=policy, forecaster={"method": "reuse", "order": 0},
                        apply={"site": "model", "cfg_cache": True, "cfg_refresh": 3})
     latent, report = run_graph(graph)
     evaluations = report["trace"]["evaluations"]

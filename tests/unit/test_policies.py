@@ -243,3 +243,13 @@ def test_subsampled_indicator_stays_within_a_percent_of_the_full_reduction():
     assert abs(float(relative_l1(current, previous)) - full) / full < 0.01
     small = previous[:, :1000]
     assert subsample(small).numel() == small.numel()  # small features are reduced whole
+
+
+def test_planned_plans_from_the_schedule_and_falls_back_without_one():
+    from cache_core.budget import BudgetController, PlannedGate
+    schedule = (1.0, 0.9, 0.8, 0.6, 0.4, 0.0)
+    policy = make_policy("planned", speed=0.6)
+    gate = policy.new_gate(5, 0.0, schedule)
+    assert isinstance(gate, PlannedGate) and 0 in gate.plan and len(gate.plan) == round(5 * policy.budget)
+    assert isinstance(policy.new_gate(5, 0.0), BudgetController)  # no schedule known: the controller
+    assert isinstance(make_policy("planned", threshold=2.0).new_gate(5, 0.0, schedule), ThresholdGate)
