@@ -26,9 +26,10 @@ SIGMAS = [1.0, 0.9, 0.78, 0.65, 0.5, 0.35, 0.0]  # 6 computed evaluations fill e
 FORECASTERS = (ForecasterConfig("reuse"), ForecasterConfig("taylor", 1), ForecasterConfig("taylor", 2),
                ForecasterConfig("taylor", 3), ForecasterConfig("hicache"), ForecasterConfig("ab", 2),
                ForecasterConfig("ab", 3), ForecasterConfig("foca"), ForecasterConfig("spectrum"),
-               ForecasterConfig("freqca"), ForecasterConfig("hyca"))
+               ForecasterConfig("freqca"), ForecasterConfig("hyca"), ForecasterConfig("auto"))
 # HyCa's peak is its warmup, while every candidate keeps a history; its selection (after 3 held-out points)
 # drops the others. 3 computed evaluations fill every candidate's history and stop before the selection.
+# auto keeps every candidate for the whole run (6 evaluations fill them all).
 EVALUATIONS = {"hyca": 3}
 CACHE_DTYPES = ("auto", "fp32")
 SITES = (Site("model"), Site("span", probe_blocks=1), Site("blocks", probe_blocks=1))  # the node's defaults
