@@ -725,6 +725,6 @@ class _VerifiedDraftState(PolicyState):
         return error <= self.tolerance
 
 
-POLICIES = {cls.method: cls for cls in (FixedInterval, Planned, TeaCache, EasyCache, FirstBlock, DiCache, MagCache, Foresight,
-                                        Delta, SpeCa)}
+POLICIES = {cls.method: cls for cls in (FixedInterval, Planned, TeaCache, EasyCache, FirstBlock, DiCache, MagCache,
+                                        Foresight, Delta, SpeCa)}
 

@@ -34,7 +34,8 @@ DEFAULT_METHODS = ("default", "fixed+reuse@model", "fixed+taylor2@model", "fixed
 QUICK_SLICE_METHODS = ("fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@span", "fixed+taylor2@blocks",
                        "fixed+reuse@span+toca0.25", "fixed+reuse@span+clusca0.25")
 SLICE_METHODS = (*QUICK_SLICE_METHODS, "fixed+hicache@span", "fixed+ab2@span", "fixed+foca@span",
-                 "fixed+spectrum@span", "fixed+freqca@span", "fixed+hyca@span", "teacache+reuse@span",
+                 "fixed+spectrum@span", "fixed+freqca@span", "fixed+hyca@span", "fixed+auto@span",
+                 "teacache+reuse@span",
                  "easycache+reuse@model", "default")
 
 

@@ -7,8 +7,8 @@ from cache_core import budget_for_speed
 
 STEPS = 20
 SPEED = 0.5  # budget 0.387: reachable at the span site of the 4-block Wan and 6-block Flux fixtures
-METHODS = [("fixed", "model"), ("planned", "model"), ("teacache", "span"), ("easycache", "model"), ("first_block", "span"),
-           ("dicache", "span"), ("default", "span")]
+METHODS = [("fixed", "model"), ("planned", "model"), ("teacache", "span"), ("easycache", "model"),
+           ("first_block", "span"), ("dicache", "span"), ("default", "span")]
 
 
 @pytest.fixture()
