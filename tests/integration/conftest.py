@@ -46,11 +46,14 @@ def product(host):
         relative = os.path.join(*name.split("."))
         targets = {os.path.realpath(os.path.join(host_module.REPO_ROOT, relative)) + ".py",
                    os.path.realpath(os.path.join(host_module.REPO_ROOT, relative, "__init__.py"))}
-        for module in list(sys.modules.values()):
-            file = getattr(module, "__file__", None)
-            if file and os.path.realpath(file) in targets:
-                return module
-        raise RuntimeError(f"product module {name} is not loaded")
+        # a test helper may also have imported the file as a top-level module (`cache_core`): a second copy
+        # whose classes are not the pack's, so the host-loaded one (a name under the pack's package) comes first
+        found = sorted((m for m in list(sys.modules.values())
+                        if getattr(m, "__file__", None) and os.path.realpath(m.__file__) in targets),
+                       key=lambda m: m.__name__ == name)
+        if not found:
+            raise RuntimeError(f"product module {name} is not loaded")
+        return found[0]
     return find
 
 
