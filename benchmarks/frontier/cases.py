@@ -204,8 +204,7 @@ def slice_case(host, quick: bool, size: int | None = None) -> Case:
     model = "wan-slice dim {dim} ffn {ffn_dim} x{num_layers} blocks (random)".format(**dims)
     if size != (QUICK_SIZE if quick else IMAGE_SIZE):
         model += f", {size}px ({(size // 16) ** 2} image tokens)"
-    return _case("slice", model, "image", sampler, build, labels, 1, [1], threads=2, fixed_only=True,
-                 repeats=2 if quick else 3)
+    return _case("slice", model, "image", sampler, build, labels, 1, [1], threads=2, fixed_only=True, repeats=2)
 
 
 def workflow_case(host, path: str, schedule: Schedule | None = None) -> Case:

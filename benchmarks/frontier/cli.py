@@ -11,12 +11,13 @@ import torch
 
 from benchmarks import host as host_module
 from benchmarks.frontier import cases as frontier_cases
-from benchmarks.frontier.measure import SamplerClock, run_case
+from benchmarks.frontier.measure import SamplerClock, run_case, run_speed_case
 from benchmarks.frontier.methods import (COMFY_NODES, DEFAULT_METHODS, QUICK_SLICE_METHODS, QUICK_SPEEDS,
                                          SLICE_METHODS, SLICE_SPEEDS, Param, build_methods, pack_methods, parse_sets,
                                          workflow_method_name)
 from benchmarks.frontier.peers import peer_methods
-from benchmarks.frontier.report import (error_summary, frontier_table, setting_text, versus_table, write_markdown,
+from benchmarks.frontier.report import (error_summary, frontier_table, setting_text, speed_table, versus_table,
+                                        write_markdown,
                                         write_plot)
 
 REPO_ROOT = host_module.REPO_ROOT
@@ -97,6 +98,10 @@ def select_cases(host, args) -> tuple[list, dict]:
     return cases, models.origin
 
 
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def main(argv=None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
@@ -128,16 +133,23 @@ def main(argv=None) -> int:
                                   args.quick, sets, speeds=slice_speeds) + packs
 
     def progress(record, seconds):
-        detail = (f"{record['ideal_speedup']:.2f}x ideal, {record['wallclock_speedup']:.2f}x wall, "
-                  f"PSNR {record['psnr']:.1f}" if record["status"] == "ok" else error_summary(record["error"]))
-        print(f"  {record['method']} {setting_text(record['setting'])}: {detail} ({seconds:.1f} s)", flush=True)
+        if record["status"] != "ok":
+            detail = error_summary(record["error"])
+        elif record["wallclock_speedup"] is None:  # a speed case times its settings after counting them all
+            detail = f"{record['ideal_speedup']:.2f}x ideal (counted; timed after the others)"
+        else:
+            detail = (f"{record['ideal_speedup']:.2f}x ideal, {record['wallclock_speedup']:.2f}x wall, efficiency "
+                      f"{record['efficiency']:.2f}, our overhead {_ms(record['overhead_ms_per_cached_step'])} ms per "
+                      f"cached step, PSNR {record['psnr']:.1f}")
+        took = "" if seconds is None else f" ({seconds:.1f} s)"
+        print(f"  {record['method']} {setting_text(record['setting'])}: {detail}{took}", flush=True)
 
     records, speed_records = [], []
     with SamplerClock() as clock:
         for case in cases:
             print(f"{case.model}: {case.name} ({len(case.graphs)} samples)", flush=True)
             if case.fixed_only:
-                speed_records += run_case(host, case, slice_methods, clock, progress)
+                speed_records += run_speed_case(host, case, slice_methods, clock, progress)
             else:
                 records += run_case(host, case, methods, clock, progress)
 
@@ -150,6 +162,8 @@ def main(argv=None) -> int:
     write_markdown(os.path.join(args.out, "frontier.md"), records, speed_records, context)
     write_plot(os.path.join(args.out, "frontier.png"), records or speed_records)
     print("\n" + frontier_table(records + speed_records))
+    if speed_records:
+        print(speed_table(speed_records) + "\n")
     print(versus_table(records))
     print(f"wrote {args.out}/frontier.json, frontier.md, frontier.png in {context['seconds']:.0f} s")
     return 0

@@ -119,49 +119,136 @@ def new_record(case, method: Method, setting: dict) -> dict:
                 overhead_ms_per_cached_step=None)
 
 
+def _counted(host, case, method: Method, setting: dict, references: list, clock: SamplerClock) -> dict:
+    """Per sample, a FLOP-counted cached run: fidelity against the reference and the compute fraction."""
+    record = new_record(case, method, setting)
+    fractions, report_fractions, flops, fidelity, cache_bytes = [], [], [], [], []
+    for graph, ref in zip(case.graphs, references):
+        run = run_graph(host, method.rewrite(graph, setting), clock, count_flops=True)
+        fidelity.append((min(psnr(run.images, ref.images), PSNR_CAP), ssim(run.images, ref.images),
+                         None if ref.latent is None else
+                         min(psnr(run.latent, ref.latent, float(ref.latent.abs().max())), PSNR_CAP)))
+        if run.flops == 0:
+            raise ValueError("no diffusion-model FLOPs were counted in the cached run: cannot measure its compute")
+        fractions.append(run.flops / ref.flops)
+        flops.append(run.flops)
+        if run.report is not None:
+            report_fractions.append(run.report["compute_fraction"])
+            cache_bytes.append(run.report["peak_cache_bytes"])
+        elif method.ours:
+            raise ValueError("the cached run produced no cache report")
+    fraction = statistics.mean(fractions)
+    record.update(compute_fraction=fraction, ideal_speedup=1.0 / fraction if fraction > 0 else math.inf,
+                  report_fraction=statistics.mean(report_fractions) if report_fractions else None,
+                  flops=statistics.mean(flops), flops_uncached=statistics.mean(r.flops for r in references),
+                  psnr=statistics.mean(f[0] for f in fidelity), ssim=statistics.mean(f[1] for f in fidelity),
+                  latent_psnr=None if fidelity[0][2] is None else statistics.mean(f[2] for f in fidelity),
+                  cache_bytes=max(cache_bytes) if cache_bytes else None)
+    return record
+
+
+def _timed(record: dict, wallclock: float, cached_seconds: float, uncached_seconds: float, overheads: list) -> dict:
+    """The timed part of a record (overheads from the timed runs: FLOP counting slows ops)."""
+    record.update(wallclock_speedup=wallclock, efficiency=wallclock / record["ideal_speedup"],
+                  sampler_seconds=cached_seconds, sampler_seconds_uncached=uncached_seconds,
+                  overhead_ms_per_cached_step=statistics.median(overheads) if overheads else None)
+    return record
+
+
+def _overhead(run: Run) -> list:
+    value = None if run.report is None else run.report.get("overhead_ms_per_cached_step")
+    return [] if value is None else [value]
+
+
 def measure(host, case, method: Method, setting: dict, references: list, clock: SamplerClock) -> dict:
     """One setting of a method on a case: per sample, a FLOP-counted run for fidelity and compute
     fraction; then `case.repeats` interleaved uncached / cached runs for the wall clock."""
-    record = new_record(case, method, setting)
     try:
-        fractions, report_fractions, flops, fidelity, cache_bytes = [], [], [], [], []
-        for graph, ref in zip(case.graphs, references):
-            run = run_graph(host, method.rewrite(graph, setting), clock, count_flops=True)
-            fidelity.append((min(psnr(run.images, ref.images), PSNR_CAP), ssim(run.images, ref.images),
-                             None if ref.latent is None else
-                             min(psnr(run.latent, ref.latent, float(ref.latent.abs().max())), PSNR_CAP)))
-            if run.flops == 0:
-                raise ValueError("no diffusion-model FLOPs were counted in the cached run: cannot measure its compute")
-            fractions.append(run.flops / ref.flops)
-            flops.append(run.flops)
-            if run.report is not None:
-                report_fractions.append(run.report["compute_fraction"])
-                cache_bytes.append(run.report["peak_cache_bytes"])
-            elif method.ours:
-                raise ValueError("the cached run produced no cache report")
-        cached_t, uncached_t, overheads = [], [], []  # overheads from the timed runs (FLOP counting slows ops)
+        record = _counted(host, case, method, setting, references, clock)
+        cached_t, uncached_t, overheads = [], [], []
         for k in range(case.repeats):
             graph = case.graphs[k % len(case.graphs)]
             uncached_t.append(run_graph(host, graphs.without_cache(graph), clock).timing)
             timed = run_graph(host, method.rewrite(graph, setting), clock)
             cached_t.append(timed.timing)
-            if timed.report is not None and timed.report.get("overhead_ms_per_cached_step") is not None:
-                overheads.append(timed.report["overhead_ms_per_cached_step"])
-        fraction = statistics.mean(fractions)
+            overheads += _overhead(timed)
         u_seconds, c_seconds = _sampler_seconds(uncached_t, uncached_t), _sampler_seconds(cached_t, uncached_t)
-        wallclock = u_seconds / c_seconds
-        ideal = 1.0 / fraction if fraction > 0 else math.inf
-        record.update(compute_fraction=fraction, ideal_speedup=ideal, wallclock_speedup=wallclock,
-                      report_fraction=statistics.mean(report_fractions) if report_fractions else None,
-                      flops=statistics.mean(flops), flops_uncached=statistics.mean(r.flops for r in references),
-                      efficiency=wallclock / ideal, sampler_seconds=c_seconds, sampler_seconds_uncached=u_seconds,
-                      psnr=statistics.mean(f[0] for f in fidelity), ssim=statistics.mean(f[1] for f in fidelity),
-                      latent_psnr=None if fidelity[0][2] is None else statistics.mean(f[2] for f in fidelity),
-                      cache_bytes=max(cache_bytes) if cache_bytes else None,
-                      overhead_ms_per_cached_step=statistics.median(overheads) if overheads else None)
+        return _timed(record, u_seconds / c_seconds, c_seconds, u_seconds, overheads)
     except Exception as error:  # a failing method or node is a result, not the end of the benchmark
-        record.update(status="failed", error=failure_text(error))
-    return record
+        return dict(new_record(case, method, setting), status="failed", error=failure_text(error))
+
+
+# Speed-only cases: one uncached run before each round's first cached run and after every UNCACHED_EVERY of them.
+UNCACHED_EVERY = 5
+
+
+def _speed_round(host, case, graph: dict, entries: list, clock: SamplerClock) -> list:
+    """One timed cached run per entry (record, method, setting), with the shared uncached runs around them.
+    Returns (entry, cached seconds, uncached seconds around it, overheads): each cached run is set against the
+    mean of the uncached runs just before and after it, so load that drifts on a shared machine cancels."""
+    timeline = []  # ("uncached", timing) or (entry, timing, overheads)
+
+    def uncached():
+        timeline.append(("uncached", run_graph(host, graphs.without_cache(graph), clock).timing))
+
+    uncached()
+    for i, entry in enumerate(entries):
+        try:
+            timed = run_graph(host, entry[1].rewrite(graph, entry[2]), clock)
+            timeline.append((entry, timed.timing, _overhead(timed)))
+        except Exception as error:
+            entry[0].update(status="failed", error=failure_text(error))
+        if (i + 1) % UNCACHED_EVERY == 0 or i == len(entries) - 1:
+            uncached()
+    out = []
+    for i, item in enumerate(timeline):
+        if item[0] == "uncached":
+            continue
+        before = next(t for kind, t, *_ in reversed(timeline[:i]) if kind == "uncached")
+        after = next(t for kind, t, *_ in timeline[i + 1:] if kind == "uncached")
+        seconds = [_sampler_seconds([t], [before, after]) for t in (before, after)]
+        out.append((item[0], _sampler_seconds([item[1]], [before, after]), statistics.mean(seconds), item[2]))
+    return out
+
+
+def run_speed_case(host, case, methods: list, clock, progress) -> list:
+    """A speed-only case (the real-dims slice): per setting one FLOP-counted run (compute fraction), then
+    `case.repeats` rounds that time every setting's cached run once, in an order rotated each round, sharing
+    the uncached runs (_speed_round). Wall-clock speedup = median over rounds of uncached / cached seconds.
+    Timing every family this way costs about a third of interleaving an uncached run with each cached one."""
+    with torch_threads(case.threads):
+        try:
+            references = [run_graph(host, graphs.without_cache(g), clock, count_flops=True) for g in case.graphs]
+        except Exception as error:
+            text = "the uncached reference run failed: " + failure_text(error)
+            return [dict(new_record(case, m, s), status="failed", error=text)
+                    for m in methods for s in m.settings_for(case.id)]
+        entries = []
+        for method in methods:
+            for setting in method.settings_for(case.id):
+                started = time.perf_counter()
+                try:
+                    record = _counted(host, case, method, setting, references, clock)
+                except Exception as error:
+                    record = dict(new_record(case, method, setting), status="failed", error=failure_text(error))
+                entries.append((record, method, setting))
+                progress(record, time.perf_counter() - started)
+        samples: dict = {id(e[0]): [] for e in entries}
+        for k in range(case.repeats):
+            ok = [e for e in entries if e[0]["status"] == "ok"]
+            if not ok:
+                break
+            shift = k % len(ok)
+            for entry, cached, uncached, overheads in _speed_round(host, case, case.graphs[k % len(case.graphs)],
+                                                                   ok[shift:] + ok[:shift], clock):
+                samples[id(entry[0])].append((uncached / cached, cached, uncached, overheads))
+        for record, _, _ in entries:
+            runs = samples[id(record)]
+            if record["status"] == "ok" and runs:
+                _timed(record, statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
+                       statistics.median(r[2] for r in runs), [o for r in runs for o in r[3]])
+            progress(record, None)
+    return [e[0] for e in entries]
 
 
 @contextlib.contextmanager

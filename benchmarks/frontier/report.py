@@ -111,6 +111,15 @@ def records_table(records: list) -> str:
     return "\n".join(lines)
 
 
+def speed_table(speed_records: list) -> str:
+    lines = ["| method | setting | ideal × | wall-clock × | efficiency | our ms per cached step |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['method']} | {setting_text(r['setting'])} | {_fmt(r['ideal_speedup'])} | "
+              f"{_fmt(r['wallclock_speedup'])} | {_fmt(r['efficiency'])} | "
+              f"{_fmt(r.get('overhead_ms_per_cached_step'), '.2f')} |" for r in speed_records]
+    return "\n".join(lines)
+
+
 def write_markdown(path: str, records: list, speed_records: list, context: dict) -> None:
     lines = ["# Feature cache frontier", "",
              f"Command: `{context['command']}`  ", f"Host: ComfyUI at {context['host']}, device {context['device']}  ",
@@ -132,12 +141,7 @@ def write_markdown(path: str, records: list, speed_records: list, context: dict)
     if speed_records:
         lines += ["## Speed: real-dims slice (efficiency = wall-clock / ideal speedup)", "",
                   "Our ms per cached step: wall time spent in our code (engine, wrappers) in a filled evaluation.", "",
-                  "| method | setting | ideal × | wall-clock × | efficiency | our ms per cached step |",
-                  "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['method']} | {setting_text(r['setting'])} | {_fmt(r['ideal_speedup'])} | "
-                  f"{_fmt(r['wallclock_speedup'])} | {_fmt(r['efficiency'])} | "
-                  f"{_fmt(r.get('overhead_ms_per_cached_step'), '.2f')} |" for r in speed_records]
-        lines.append("")
+                  speed_table(speed_records), ""]
     lines += ["## All records", "", records_table(records + speed_records), ""]
     lines += failures_section(records + speed_records)
     with open(path, "w") as f:
