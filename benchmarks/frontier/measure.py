@@ -216,24 +216,16 @@ def run_speed_case(host, case, methods: list, clock, progress) -> list:
     `case.repeats` rounds that time every setting's cached run once, in an order rotated each round, sharing
     the uncached runs (_speed_round). Wall-clock speedup = median over rounds of uncached / cached seconds.
     Timing every family this way costs about a third of interleaving an uncached run with each cached one."""
-    with torch_threads(case.threads):
+    def counted(method, setting, references):
         try:
-            references = [run_graph(host, graphs.without_cache(g), clock, count_flops=True) for g in case.graphs]
+            return _counted(host, case, method, setting, references, clock)
         except Exception as error:
-            text = "the uncached reference run failed: " + failure_text(error)
-            return [dict(new_record(case, m, s), status="failed", error=text)
-                    for m in methods for s in m.settings_for(case.id)]
-        entries = []
-        for method in methods:
-            for setting in method.settings_for(case.id):
-                started = time.perf_counter()
-                try:
-                    record = _counted(host, case, method, setting, references, clock)
-                except Exception as error:
-                    record = dict(new_record(case, method, setting), status="failed", error=failure_text(error))
-                entries.append((record, method, setting))
-                progress(record, time.perf_counter() - started)
-        samples: dict = {id(e[0]): [] for e in entries}
+            return dict(new_record(case, method, setting), status="failed", error=failure_text(error))
+
+    def body(references):
+        records = _per_setting(case, methods, progress, lambda m, s: counted(m, s, references))
+        entries = [(r, m, s) for r, (m, s) in zip(records, _settings(case, methods))]
+        samples: dict = {id(r): [] for r in records}
         for k in range(case.repeats):
             ok = [e for e in entries if e[0]["status"] == "ok"]
             if not ok:
@@ -242,13 +234,14 @@ def run_speed_case(host, case, methods: list, clock, progress) -> list:
             for entry, cached, uncached, overheads in _speed_round(host, case, case.graphs[k % len(case.graphs)],
                                                                    ok[shift:] + ok[:shift], clock):
                 samples[id(entry[0])].append((uncached / cached, cached, uncached, overheads))
-        for record, _, _ in entries:
+        for record in records:
             runs = samples[id(record)]
             if record["status"] == "ok" and runs:
                 _timed(record, statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
                        statistics.median(r[2] for r in runs), [o for r in runs for o in r[3]])
             progress(record, None)
-    return [e[0] for e in entries]
+        return records
+    return _referenced(host, case, methods, clock, body)
 
 
 @contextlib.contextmanager
@@ -262,20 +255,33 @@ def torch_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
-def run_case(host, case, methods: list, clock, progress) -> list:
-    """All methods on one case. If the uncached reference runs fail, every method is recorded as failed."""
+def _settings(case, methods: list) -> list:
+    return [(m, s) for m in methods for s in m.settings_for(case.id)]
+
+
+def _per_setting(case, methods: list, progress, measure_one) -> list:
+    """measure_one(method, setting) for every setting of every method, each reported to `progress` with its time."""
+    records = []
+    for method, setting in _settings(case, methods):
+        started = time.perf_counter()
+        records.append(measure_one(method, setting))
+        progress(records[-1], time.perf_counter() - started)
+    return records
+
+
+def _referenced(host, case, methods: list, clock, body) -> list:
+    """body(references) after the case's uncached FLOP-counted runs, in the case's torch threads. If the
+    references fail, every method is recorded as failed."""
     with torch_threads(case.threads):
         try:
             references = [run_graph(host, graphs.without_cache(g), clock, count_flops=True) for g in case.graphs]
         except Exception as error:
             text = "the uncached reference run failed: " + failure_text(error)
-            return [dict(new_record(case, m, s), status="failed", error=text)
-                    for m in methods for s in m.settings_for(case.id)]
-        records = []
-        for method in methods:
-            for setting in method.settings_for(case.id):
-                started = time.perf_counter()
-                record = measure(host, case, method, setting, references, clock)
-                records.append(record)
-                progress(record, time.perf_counter() - started)
-    return records
+            return [dict(new_record(case, m, s), status="failed", error=text) for m, s in _settings(case, methods)]
+        return body(references)
+
+
+def run_case(host, case, methods: list, clock, progress) -> list:
+    """All methods on one case, each setting counted then timed in interleaved uncached / cached pairs."""
+    return _referenced(host, case, methods, clock, lambda references: _per_setting(
+        case, methods, progress, lambda m, s: measure(host, case, m, s, references, clock)))
