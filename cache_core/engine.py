@@ -370,6 +370,7 @@ class CacheRun:
         computed value is not finite: the engine knows that from the scalars it read in this evaluation's
         decision, or reads them now when the decision needed none)."""
         self._wait_for_offload()
+        keys = list(dict.fromkeys(keys))  # the guard views its checks as keys x uuids
         slots = [(k, u) for k in keys for u in self.uuids]
         if not slots:  # a scope with nothing to fill (per-segment decisions)
             self.prepared = {}
