@@ -63,7 +63,16 @@ def combine_all_foreach(tables: list, weights: list, dtypes: list, device: Optio
 
 
 def newton_update_(diffs: list, value: torch.Tensor, steps: list) -> list:
-    """The divided-difference table after a new newest point, computed in place in a full table.
+    """The divided-difference table after a new newest point, computed in place in a full table: the Triton
+    kernel on CUDA where it measured faster for this shape (triton_forecast), else the torch reference."""
+    if triton_forecast.supports_update(diffs, value) and triton_forecast.faster_update(diffs, value, steps,
+                                                                                        newton_update_torch):
+        return triton_forecast.newton_update_(diffs, value, steps)
+    return newton_update_torch(diffs, value, steps)
+
+
+def newton_update_torch(diffs: list, value: torch.Tensor, steps: list) -> list:
+    """The reference of newton_update_: the divided-difference table after a new newest point, in place.
 
     diffs[j] = f[t_0..t_j] (newest first, diffs[0] in the storage dtype, the others in float32),
     steps[j] = t - t_j. Returns [value, (value - diffs[0]) / steps[0], ...] with len(diffs) entries, reusing

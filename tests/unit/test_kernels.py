@@ -122,6 +122,35 @@ def _assert_same(kernel_outs, reference_outs):
         assert torch.allclose(out.float(), ref.float(), rtol=tolerance, atol=tolerance), (out - ref).abs().max()
 
 
+def _random_tables(device, seed=0):
+    """Full Taylor tables (2-5 entries, value and head in half/bfloat/float, differences in float32), a new value
+    and the time steps to it."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for length, dtype, shape in ((2, torch.float32, (3, 7)), (3, torch.float16, (1, 2049)),
+                                 (4, torch.bfloat16, (2, 33, 17)), (5, torch.float32, (5000,))):
+        diffs = [torch.randn(shape, generator=g).to(dtype).to(device)]
+        diffs += [torch.randn(shape, generator=g).to(device) for _ in range(length - 1)]
+        value = torch.randn(shape, generator=g).to(dtype).to(device)
+        out.append((diffs, value, (torch.rand(length, generator=g) * 0.5 + 0.1).tolist()))
+    return out
+
+
+def _index(buffers: list, tensor) -> int:
+    return next(i for i, buffer in enumerate(buffers) if buffer is tensor)
+
+
+def _check_update(update, device="cpu"):
+    """`update` (a kernel) gives the reference's table, in the reference's buffers, on copies of random tables."""
+    from cache_core.kernels.forecast import newton_update_torch
+
+    for diffs, value, steps in _random_tables(device):
+        mine, theirs = [d.clone() for d in diffs], [d.clone() for d in diffs]
+        got, expected = update(mine, value, steps), newton_update_torch(theirs, value, steps)
+        assert [_index(mine, t) for t in got] == [_index(theirs, t) for t in expected]  # same buffers, same order
+        _assert_same(got, expected)
+
+
 INTERPRETED = """
 import torch
 from cache_core.kernels import triton_forecast
@@ -131,11 +160,12 @@ for seed in range(3):
     tables, weights, dtypes = test_kernels._random_step("cpu", seed)
     test_kernels._assert_same(triton_forecast.combine_all(tables, weights, dtypes),
                               combine_all_foreach(tables, weights, dtypes))
-print("interpreted kernel matches")
+test_kernels._check_update(triton_forecast.newton_update_)
+print("interpreted kernels match")
 """
 
 
-def test_triton_kernel_matches_the_reference_in_the_interpreter():
+def test_triton_kernels_match_the_references_in_the_interpreter():
     """Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported: a fresh process) runs the kernel
     on CPU tensors, so the kernel is checked on machines without a GPU."""
     import os
@@ -148,11 +178,11 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(here.parent.parent), str(here), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "interpreted kernel matches" in done.stdout, done.stderr[-3000:]
+    assert done.returncode == 0 and "interpreted kernels match" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_triton_kernel_matches_the_reference_on_the_gpu_and_is_chosen_only_when_faster():
+def test_triton_kernels_match_the_references_on_the_gpu_and_are_chosen_by_measurement():
     from cache_core.kernels import triton_forecast
     from cache_core.kernels.forecast import combine_all_foreach
 
@@ -161,7 +191,10 @@ def test_triton_kernel_matches_the_reference_on_the_gpu_and_is_chosen_only_when_
     assert triton_forecast.supports(tables, None)
     _assert_same(triton_forecast.combine_all(tables, weights, dtypes), combine_all_foreach(tables, weights, dtypes))
     _assert_same(combine_all(tables, weights, dtypes), combine_all_foreach(tables, weights, dtypes))
-    assert triton_forecast._signature(tables, dtypes) in triton_forecast._faster  # measured once, then cached
+    assert any(key[0] == "combine" for key in triton_forecast._faster)  # measured once, then cached
+    assert all(triton_forecast.supports_update(diffs, value) for diffs, value, _ in _random_tables("cuda"))
+    _check_update(triton_forecast.newton_update_, "cuda")
+    _check_update(newton_update_, "cuda")  # whichever the measurement chose
 
 
 def test_without_triton_the_reference_runs(monkeypatch):
@@ -170,9 +203,9 @@ def test_without_triton_the_reference_runs(monkeypatch):
     from cache_core.kernels import triton_forecast
 
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
-    monkeypatch.delitem(sys.modules, "cache_core.kernels.weighted_sum_triton", raising=False)
-    monkeypatch.setattr(triton_forecast, "_kernel", None)
-    assert triton_forecast.kernel() is None
+    monkeypatch.delitem(sys.modules, "cache_core.kernels.triton_kernels", raising=False)
+    monkeypatch.setattr(triton_forecast, "_kernels", None)
+    assert triton_forecast.kernels() is None
     tables, weights, dtypes = _random_step("cpu")
     assert not triton_forecast.supports(tables, None)
     _assert_same(combine_all(tables, weights, dtypes), [combine(t, w, None, d) for t, w, d in
