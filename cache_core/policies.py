@@ -66,7 +66,8 @@ def kept_rows(x: torch.Tensor, buffer: Optional[torch.Tensor] = None) -> torch.T
     """A copy of the rows of x the indicator reductions read (its subsample), in `buffer` when it fits: a state
     keeps a few thousand rows of a feature instead of all of it, without an allocation per evaluation."""
     rows = subsample(x.detach())
-    if buffer is not None and buffer.shape == rows.shape and buffer.dtype == rows.dtype and buffer.device == rows.device:
+    fits = buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (rows.shape, rows.dtype, rows.device)
+    if fits:
         return buffer.copy_(rows)
     return rows.clone()
 
@@ -600,7 +601,8 @@ class _LayerChangeState(PolicyState):
         self.pending = (indicator, None)
         if self.input_at_compute is None:
             return None
-        return Pending([relative_l1(indicator, self.input_at_compute)], lambda values: self._value(indicator, values[0]))
+        change = relative_l1(indicator, self.input_at_compute)
+        return Pending([change], lambda values: self._value(indicator, values[0]))
 
     def _value(self, indicator: torch.Tensor, change: float) -> Optional[float]:
         self.pending = (indicator, change)

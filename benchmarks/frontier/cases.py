@@ -204,7 +204,9 @@ def slice_case(host, quick: bool, size: int | None = None) -> Case:
     model = "wan-slice dim {dim} ffn {ffn_dim} x{num_layers} blocks (random)".format(**dims)
     if size != (QUICK_SIZE if quick else IMAGE_SIZE):
         model += f", {size}px ({(size // 16) ** 2} image tokens)"
-    return _case("slice", model, "image", sampler, build, labels, 1, [1], threads=2, fixed_only=True, repeats=2)
+    # one thread: on a CPU shared with other work a wider pool stalls at every op (measured: uncached slice run
+    # 4.3 s with 1 thread, 16.0 s with 2 on 2 busy cores); `--threads 2` on a quiet machine
+    return _case("slice", model, "image", sampler, build, labels, 1, [1], threads=1, fixed_only=True, repeats=2)
 
 
 def workflow_case(host, path: str, schedule: Schedule | None = None) -> Case:

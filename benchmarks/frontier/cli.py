@@ -54,6 +54,9 @@ def parse_args(argv):
     parser.add_argument("--slice-size", type=int,
                         help="the slice's image size in pixels (default 128: 64 image tokens, where a CPU step is "
                              "weights-bound; 256: 256 tokens, 512: 1024 tokens, as token methods need)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads while each case runs (default: 1, torch's own with --workflow; more "
+                             "only on a quiet machine: a pool wider than the free cores stalls at every op)")
     parser.add_argument("--repeats", type=int,
                         help="interleaved uncached/cached runs timed per setting (default: 1 with --quick, else the "
                              "case's: 2-3)")
@@ -66,6 +69,8 @@ def parse_args(argv):
         parser.error("--workflow and --model-file are alternatives")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     return args
 
 
@@ -110,6 +115,7 @@ def main(argv=None) -> int:
     cases, origins = select_cases(host, args)
     for case in cases:
         case.repeats = args.repeats or (1 if args.quick else case.repeats)
+        case.threads = args.threads or case.threads
     workflow = cases[0] if args.workflow else None
     case_ids = [c.id for c in cases]
     params, sets = [Param.parse(p) for p in args.param], parse_sets(host, args.sets)

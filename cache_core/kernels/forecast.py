@@ -41,7 +41,8 @@ def combine(terms: list, weights: list, device: Optional[torch.device], dtype: t
 def combine_all(tables: list, weights: list, dtypes: list, device: Optional[torch.device] = None) -> list:
     """[combine(tables[i], weights[i], device, dtypes[i]) for i], fused: the Triton kernel on CUDA where it measured
     faster for this step's shapes (triton_forecast), else the `_foreach` reference."""
-    if triton_forecast.supports(tables, device) and triton_forecast.faster(tables, weights, dtypes, combine_all_foreach):
+    if triton_forecast.supports(tables, device) and triton_forecast.faster(tables, weights, dtypes,
+                                                                            combine_all_foreach):
         return triton_forecast.combine_all(tables, weights, dtypes)
     return combine_all_foreach(tables, weights, dtypes, device)
 

@@ -105,7 +105,8 @@ def _measured(key: tuple, kernel: Callable, reference: Callable, device) -> bool
 
 def faster(tables: list, weights: list, dtypes: list, reference: Callable) -> bool:
     """Whether the combine_all kernel beats `reference` on a step of this shape: measured once, cached."""
-    key = ("combine",) + tuple((t[0].numel(), tuple(x.dtype for x in t), d, t[0].device) for t, d in zip(tables, dtypes))
+    key = ("combine",) + tuple((t[0].numel(), tuple(x.dtype for x in t), d, t[0].device)
+                               for t, d in zip(tables, dtypes))
     return _measured(key, lambda: combine_all(tables, weights, dtypes), lambda: reference(tables, weights, dtypes),
                      tables[0][0].device)
 

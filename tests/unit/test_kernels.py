@@ -106,8 +106,9 @@ def _random_step(device, seed=0):
     sizes that are not multiples of the kernel's block."""
     g = torch.Generator().manual_seed(seed)
     tables, weights, dtypes = [], [], []
-    for terms, dtype, shape in ((1, torch.float32, (3, 7)), (2, torch.float16, (1, 2049)), (3, torch.bfloat16, (2, 33, 17)),
-                                (4, torch.float32, (5000,)), (5, torch.float16, (2, 3, 129))):
+    for terms, dtype, shape in ((1, torch.float32, (3, 7)), (2, torch.float16, (1, 2049)),
+                                (3, torch.bfloat16, (2, 33, 17)), (4, torch.float32, (5000,)),
+                                (5, torch.float16, (2, 3, 129))):
         head = torch.randn(shape, generator=g).to(dtype)
         tables.append([head.to(device)] + [torch.randn(shape, generator=g).to(device) for _ in range(terms - 1)])
         weights.append([1.0] + (torch.randn(terms - 1, generator=g) * 0.5).tolist())
