@@ -86,6 +86,13 @@ class Forecaster:
     def nbytes(self) -> int:
         raise NotImplementedError
 
+    @property
+    def accuracy_order(self) -> int:
+        """p: the forecast's error at a distance h from the newest computed point shrinks like h^(p+1) (0 for
+        reuse, and for fits that do not pass through the newest point); the online selection rescales
+        back-tests to the fill's distance by it."""
+        return 0
+
     def fused_terms(self, t: float) -> Optional[tuple]:
         """(terms, weights, dtype) when the forecast at t is sum_j weights[j] * terms[j] returned in dtype (then
         `predict_all` evaluates it fused with the others), else None."""

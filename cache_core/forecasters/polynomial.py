@@ -74,6 +74,10 @@ class TaylorForecaster(Forecaster):
     def nbytes(self) -> int:
         return nbytes(self.diffs)
 
+    @property
+    def accuracy_order(self) -> int:
+        return len(self.diffs) - 1  # the order the points so far allow
+
     def lower_order(self) -> bool:
         if self.order == 0:
             return False
@@ -114,6 +118,10 @@ class HermiteForecaster(TaylorForecaster):
     def __init__(self, order: int, contraction: float, storage: Optional[Storage] = None):
         super().__init__(order, storage)
         self.contraction = contraction
+
+    @property
+    def accuracy_order(self) -> int:
+        return 0  # the contraction rescales the first-order term (and H_2 shifts the newest point)
 
     def weights(self, t: float) -> list:
         """Scalar weight of each divided difference in the forecast at t."""
@@ -200,6 +208,10 @@ class AdamsBashforthForecaster(ValueHistory):
     def weights(self, t: float) -> list:
         return lagrange_weights(self.times, t)
 
+    @property
+    def accuracy_order(self) -> int:
+        return len(self.values) - 1
+
     def lower_order(self) -> bool:
         if self.capacity == 1:
             return False
@@ -228,6 +240,10 @@ class FoCaForecaster(ValueHistory):
 
     def __init__(self, storage: Optional[Storage] = None):
         super().__init__(3, storage)
+
+    @property
+    def accuracy_order(self) -> int:
+        return min(1, len(self.values) - 1)  # exact on lines; it damps curvature
 
     def weights(self, t: float) -> list:
         n = len(self.values)

@@ -220,6 +220,59 @@ def test_auto_revises_its_choice_as_the_run_changes_and_keeps_every_candidate():
     assert len(f.candidates) == len(ForecasterConfig("auto", groups=1).new_state().candidates)
 
 
+def _error(forecast, truth):
+    return float((forecast - truth).pow(2).mean())
+
+
+@pytest.mark.parametrize("kind, order, orders", [("taylor", 2, [0, 1, 2, 2]), ("ab", 3, [0, 1, 2, 2]),
+                                                  ("foca", None, [0, 1, 1, 1]), ("hicache", 2, [0, 0, 0, 0]),
+                                                  ("spectrum", None, [0, 0, 0, 0])])
+def test_accuracy_order_is_the_order_the_points_so_far_allow(kind, order, orders):
+    f = ForecasterConfig(kind, order).new_state()
+    seen = []
+    for t in (1.0, 0.8, 0.6, 0.4):
+        f.update(t, torch.randn(1, 2, 4, 4))
+        seen.append(f.accuracy_order)
+    assert seen == orders
+
+
+def test_auto_fills_near_the_last_compute_by_a_forecast_where_whole_gaps_favour_reuse():
+    """A back-test spans a whole gap; rescaled to a nearer fill by each candidate's order, the choice changes."""
+    torch.manual_seed(0)
+    base, direction = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    def truth(t):
+        return base + 0.1 * math.cos(8 * t) * direction  # small changes across a gap, but a line overshoots it
+    times = [1.0, 0.8, 0.6, 0.4, 0.2]
+    f = _feed(ForecasterConfig("auto", groups=1), times, [truth(t) for t in times])
+    assert f.choice == ["reuse"]  # over the back-tests' distance
+    assert f.predict(0.2 - f.selection.gap).equal(f.latest())  # a fill as far: reuse
+    near = 0.2 - 0.05
+    assert _error(f.predict(near), truth(near)) < 0.5 * _error(f.latest(), truth(near))
+    assert f._best(0.05) != ["reuse"]
+
+
+def test_auto_fills_near_the_last_compute_by_reuse_where_the_value_changes_much():
+    """Large relative changes across a gap (a random walk with big steps): the power law is not trusted there."""
+    torch.manual_seed(0)
+    walk, times = torch.randn(1, 4, 8, 8), [1.0 - 0.1 * i for i in range(8)]
+    f = ForecasterConfig("auto", groups=1).new_state()
+    for t in times:
+        walk = walk + torch.randn(1, 4, 8, 8)
+        f.update(t, walk)
+    for distance in (0.01, 0.05):
+        assert f.predict(times[-1] - distance).equal(f.latest())
+
+
+def test_auto_rescaled_choice_keeps_an_exact_forecast_on_a_polynomial_at_every_distance():
+    torch.manual_seed(0)
+    times = [1.0 - 0.15 * i for i in range(6)]
+    coeffs = [torch.randn(1, 2, 4, 4, dtype=torch.float64) for _ in range(2)]  # a line
+    f = _feed(ForecasterConfig("auto", groups=1), times, [_poly(coeffs, t) for t in times])
+    for distance in (0.01, 0.05, 0.15, 0.3):
+        t = times[-1] - distance
+        assert torch.allclose(f.predict(t), _poly(coeffs, t), atol=1e-8), distance
+
+
 @pytest.mark.parametrize("kind", ["hyca", "auto"])
 def test_selections_take_one_choice_for_every_conditioning_of_a_value(kind):
     """With CFG, cond forecast and uncond reused would amplify their difference: the choice is shared."""
