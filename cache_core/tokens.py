@@ -37,6 +37,8 @@ from typing import Optional
 
 import torch
 
+from .forecasters.history import nbytes
+
 SCORE, CLUSTER, RANDOM = "score", "cluster", "random"
 TOKEN_SELECTIONS = (SCORE, CLUSTER, RANDOM)
 KMEANS_ITERATIONS = 8
@@ -241,7 +243,6 @@ class TokenState:
         self.labels: dict = {}  # token count -> ClusCa clusters of the last computed call with that many tokens
         self.corrections: dict = {}  # (segment key, uuid) -> [1, N, C] correction of the fill's token rows
         self.keys_values: dict = {}  # (block, uuid) -> (k, v) of the block's self-attention, every position
-        self.keys_values_bytes = 0
         self.notes: list = []  # for the run's report (the engine takes them)
         self.clusters_noted = False
 
@@ -343,20 +344,16 @@ class TokenState:
         """Keep a block's self-attention keys and values of every position (batched over `uuids`), on `device`
         (None: where they are)."""
         for uuid, *pair in zip(uuids, k.detach().chunk(len(uuids)), v.detach().chunk(len(uuids))):
-            pair = tuple(t.to(device) if device is not None else t for t in pair)
-            previous = self.keys_values.get((block, uuid), ())
-            self.keys_values_bytes += sum(_bytes(t) for t in pair) - sum(_bytes(t) for t in previous)
-            self.keys_values[(block, uuid)] = pair
+            self.keys_values[(block, uuid)] = tuple(t.to(device) if device is not None else t for t in pair)
 
     def growth_of_keys_values(self, block, uuids: list, k: torch.Tensor, v: torch.Tensor) -> int:
         """Bytes that keeping these keys and values would add to those kept now."""
-        previous = sum(_bytes(t) for u in uuids for t in self.keys_values.get((block, u), ()))
-        return _bytes(k) + _bytes(v) - previous
+        return nbytes((k, v)) - sum(nbytes(self.keys_values.get((block, u), ())) for u in uuids)
 
     def drop_keys_values(self, uuid=None, block=None) -> None:
         """Forget the kept keys and values of one conditioning, or of one block (None and None: all)."""
         for key in [k for k in self.keys_values if (uuid is None or k[1] == uuid) and (block is None or k[0] == block)]:
-            self.keys_values_bytes -= sum(_bytes(t) for t in self.keys_values.pop(key))
+            del self.keys_values[key]
 
     def cached_keys_values(self, block, uuids: list, positions: int, dim: int) -> Optional[tuple]:
         """A block's kept keys and values for the call's uuids, batched; None unless every uuid has them for
@@ -370,8 +367,8 @@ class TokenState:
     @property
     def nbytes(self) -> int:
         tensors = [m.last for m in self.memory.values()] + list(self.corrections.values())
-        return sum(_bytes(t) for t in tensors) + self.keys_values_bytes
+        return nbytes(tensors) + self.keys_values_bytes
 
-
-def _bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    @property
+    def keys_values_bytes(self) -> int:
+        return sum(nbytes(pair) for pair in self.keys_values.values())

@@ -194,7 +194,8 @@ class CacheTokenRatioNode(io.ComfyNode):
                                          "cached block's self-attention are kept from the last computed step "
                                          "(more memory: two token tables per block and conditioning, within "
                                          "Apply Feature Cache's memory budget when one is set, else within half "
-                                         "of the memory free on their device; the run's report shows it). Off: they attend only to each other and the text."),
+                                         "of the memory free on their device; the run's report shows it). "
+                                         "Off: they attend only to each other and the text."),
             ],
             outputs=[CacheTokens.Output(display_name="tokens")],
         )

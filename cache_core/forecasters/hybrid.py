@@ -44,7 +44,6 @@ class Selection:
         self.decay = decay  # None: HyCa (sum the warmup's errors, choose once); else online, errors decay
         self.errors: dict = {}  # name -> float64 tensor [groups]
         self.choice: Optional[list] = None  # per group: candidate name
-        self.trials = 0
         self.decayed_at: Optional[float] = None  # the time of the newest back-test (one decay per evaluation)
         self.gaps = (0.0, 0.0)  # decayed sum of the back-tests' distances, decayed count
 
@@ -63,7 +62,6 @@ class Selection:
             self.errors = {n: e * self.decay for n, e in self.errors.items()}
             self.gaps = (self.gaps[0] * self.decay + distance, self.gaps[1] * self.decay + 1.0)
             self.decayed_at = t
-            self.trials += 1
         self.errors[name] = self.errors[name] + error if name in self.errors else error
 
     @property

@@ -59,11 +59,11 @@ def _inputs(batch=2, seed=1):
     return torch.randn(batch, 6, 8, generator=g), torch.randn(batch, 3, 8, generator=g)
 
 
-def sample(config, uuids=("c", "u"), separate=False, model=None, token_grid=None):
+def sample(config, uuids=("c", "u"), separate=False, model=None, token_grid=None, token_layouts=None):
     """A toy sampler: each evaluation feeds a slightly moved input; returns outputs and the run."""
     model = model or TinyDiT()
     run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
-    runner = BlockRunner(run, config.site.plan(LAYOUT), STREAMS, token_grid=token_grid)
+    runner = BlockRunner(run, config.site.plan(LAYOUT), STREAMS, token_grid=token_grid, token_layouts=token_layouts)
     img, txt = _inputs(len(uuids))
     outs = []
     for sigma in SIGMAS[:-1]:

@@ -20,16 +20,7 @@ REUSE = CacheConfig(policy=FixedInterval(interval=3, warmup_steps=0), site=Site(
 
 
 def sample_tokens(config, uuids=("c", "u"), model=None):
-    model = model or TinyDiT()
-    run = CacheRun(config, config.site.rows(LAYOUT), SIGMAS)
-    runner = BlockRunner(run, config.site.plan(LAYOUT), STREAMS, token_layouts=LAYOUTS)
-    img, txt = _inputs(len(uuids))
-    outs = []
-    for sigma in SIGMAS[:-1]:
-        out = model(img, txt, sigma, list(uuids), runner)
-        outs.append(out)
-        img = img + 0.05 * out
-    return outs, run, model
+    return sample(config, uuids, model=model, token_layouts=LAYOUTS)
 
 
 def config(selection="score", ratio=0.5, site="span", interval=3, **tokens):
