@@ -2,6 +2,7 @@
 across prompts whose Apply Feature Cache output the server reuses from its cache."""
 import json
 import random
+import statistics
 import time
 import urllib.error
 import urllib.request
@@ -72,27 +73,28 @@ def _varied_prompt(rng, paths, i):
 
 
 def test_fifty_varied_prompts_on_one_server_all_succeed_without_growing_memory(server, paths):
-    """Queued back to back; resident memory after the last is within 10% of after the fifth."""
+    """Queued back to back; resident memory over the last 15 prompts is within 10% of prompts 6-20 (medians:
+    a single reading swings by ~40 MiB with the size of the prompt that just ran and the allocator's arenas,
+    which made a comparison of two readings fail without any growth)."""
     rng = random.Random(10)
     client = Client(server)
     try:
         started = time.time()
         ids = [client.queue(_varied_prompt(rng, paths, i)) for i in range(PROMPTS)]
-        done, after_fifth = [], None
+        done, resident = [], []
         for prompt_id in client.finished():
             if prompt_id in ids and prompt_id not in done:
                 done.append(prompt_id)
-                if len(done) == 5:
-                    after_fifth = _resident_kib(server.process.pid)
+                resident.append(_resident_kib(server.process.pid))
                 if len(done) == PROMPTS:
                     break
-        after_last = _resident_kib(server.process.pid)
         assert all(client.report(p)["evaluations"] > 0 for p in ids)
     finally:
         client.close()
-    print(f"soak: {PROMPTS} prompts in {time.time() - started:.1f} s; resident memory after the 5th "
-          f"{after_fifth / 1024:.0f} MiB, after the last {after_last / 1024:.0f} MiB")
-    assert abs(after_last - after_fifth) <= 0.10 * after_fifth, (after_fifth, after_last)
+    warm, last = statistics.median(resident[5:20]), statistics.median(resident[-15:])
+    print(f"soak: {PROMPTS} prompts in {time.time() - started:.1f} s; median resident memory after prompts 6-20 "
+          f"{warm / 1024:.0f} MiB, after the last 15 {last / 1024:.0f} MiB")
+    assert abs(last - warm) <= 0.10 * warm, (warm, last)
 
 
 def test_cache_map_of_a_sampler_that_samples_nothing_does_not_show_the_previous_report(server, paths):
