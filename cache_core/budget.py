@@ -61,17 +61,19 @@ class BudgetController:
     """Places computes so that the run's block compute fraction lands on `budget`.
 
     `fill_cost` is the share of the block work a filled evaluation still does (probe and corrector
-    blocks of a span site); `steps` the sampler steps of the schedule.
+    blocks of a span site), `compute_cost` the share a computed one does (below 1 where the CFG-branch
+    cache runs only the positive branch on most computes); `steps` the sampler steps of the schedule.
     """
 
     SLACK = 0.15  # how far (share of the run's computes) the indicator may move computes from an even spread
 
-    def __init__(self, budget: float, steps: int, fill_cost: float = 0.0):
+    def __init__(self, budget: float, steps: int, fill_cost: float = 0.0, compute_cost: float = 1.0):
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"compute budget must be in (0, 1], got {budget}")
         self.budget = budget
         self.steps = max(1, steps)
         self.fill_cost = fill_cost
+        self.compute_cost = compute_cost
         self.evaluations = 0  # decided so far, the current one included once wants_compute ran
         self.computes = 0
         self.increments: list[float] = []
@@ -84,10 +86,10 @@ class BudgetController:
 
     @property
     def compute_share(self) -> float:
-        """Computes / evaluations the budget allows, given what a fill still costs."""
-        if self.fill_cost >= 1.0:
+        """Computes / evaluations the budget allows, given what a compute and a fill cost."""
+        if self.fill_cost >= self.compute_cost:
             return 1.0
-        return max(0.0, (self.budget - self.fill_cost) / (1.0 - self.fill_cost))
+        return min(1.0, max(0.0, (self.budget - self.fill_cost) / (self.compute_cost - self.fill_cost)))
 
     def computes_owed(self, total: int) -> float:
         return total * self.compute_share
@@ -178,11 +180,12 @@ class PlannedGate:
 
     threshold = None
 
-    def __init__(self, budget: float, schedule: list, fill_cost: float = 0.0):
+    def __init__(self, budget: float, schedule: list, fill_cost: float = 0.0, compute_cost: float = 1.0):
         if len(schedule) < 2:
             raise ValueError("a planned gate needs the sampler's schedule (at least two sigmas)")
         self.budget = budget
         self.fill_cost = fill_cost
+        self.compute_cost = compute_cost
         self.plan = set(plan_computes(schedule, round((len(schedule) - 1) * self.compute_share)))
 
     compute_share = BudgetController.compute_share

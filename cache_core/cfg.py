@@ -23,17 +23,21 @@ class CfgBranchCache:
     def nbytes(self) -> int:
         return 0 if self.difference is None else self.difference.numel() * self.difference.element_size()
 
+    def usable(self, x: torch.Tensor) -> bool:
+        """A difference exists for this input's shape."""
+        return self.difference is not None and self.difference.shape == x.shape
+
     def wants_both(self, x: torch.Tensor, sigma: torch.Tensor) -> bool:
-        stale = (self.difference is None or self.difference.shape != x.shape
-                 or self.since_refresh + 1 >= self.refresh)
-        return stale or bool((sigma == 0).any())
+        """No usable difference, a refresh due, or the last sigma (0): the negative branch should run."""
+        return not self.usable(x) or self.since_refresh + 1 >= self.refresh or bool((sigma == 0).any())
 
     def refreshed(self, cond: torch.Tensor, uncond: torch.Tensor, sigma: torch.Tensor) -> None:
         """Both branches' denoised outputs of this evaluation; `sigma` broadcasts against them."""
         self.difference = ((cond - uncond) / sigma).detach().clone()
         self.since_refresh = 0
 
-    def fill(self, cond: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The negative branch's denoised output from the positive one's."""
-        self.since_refresh += 1
+    def fill(self, cond: torch.Tensor, sigma: torch.Tensor, computed: bool = True) -> torch.Tensor:
+        """The negative branch's denoised output from the positive one's; `computed`: the positive ran (it counts
+        toward the next refresh) rather than being filled by the feature cache."""
+        self.since_refresh += int(computed)
         return cond - sigma * self.difference.to(cond.dtype)

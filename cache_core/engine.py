@@ -162,6 +162,13 @@ class CacheRun:
         return (site.probe_blocks + site.corrector_blocks) / len(self.trace.rows) if site.uses_blocks else 0.0
 
     @property
+    def compute_cost(self) -> float:
+        """Share of the model's work a computed evaluation does: with the CFG-branch cache only every
+        cfg_refresh-th compute runs the negative branch (taken as half the batch, as cond and uncond are)."""
+        refresh = self.config.cfg_refresh
+        return 1.0 if not refresh else (1.0 + (refresh - 1) * 0.5) / refresh
+
+    @property
     def steps(self) -> int:
         return max(1, len(self.schedule) - 1)
 
@@ -278,7 +285,8 @@ class CacheRun:
 
     def _gate(self, scope: Optional[Scope]):
         if scope not in self.gates:
-            self.gates[scope] = self.config.policy.new_gate(self.steps, self.fill_cost, tuple(self.schedule))
+            self.gates[scope] = self.config.policy.new_gate(self.steps, self.fill_cost, tuple(self.schedule),
+                                                            self.compute_cost)
         return self.gates[scope]
 
     def decide(self, keys: list, indicator: Callable[[str], Optional[torch.Tensor]],

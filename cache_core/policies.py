@@ -161,11 +161,12 @@ class Policy:
             return self.max_consecutive
         return max(self.max_consecutive, math.ceil(2.0 / max(compute_share, 1e-3)) - 1)
 
-    def new_gate(self, steps: int, fill_cost: float, schedule: tuple = ()):
-        """`schedule`: the sampler's sigmas (the last one 0), for policies that plan from it."""
+    def new_gate(self, steps: int, fill_cost: float, schedule: tuple = (), compute_cost: float = 1.0):
+        """`schedule`: the sampler's sigmas (the last one 0), for policies that plan from it; `fill_cost` and
+        `compute_cost`: the share of the model's work a filled and a computed evaluation do."""
         if self.budget is None:
             return ThresholdGate(self.effective_threshold)
-        return BudgetController(self.budget, steps, fill_cost)
+        return BudgetController(self.budget, steps, fill_cost, compute_cost)
 
     def for_family(self, family: Optional[str]) -> "Policy":
         """This config with the defaults of a model family (from the nodes' adapter) filled in."""
@@ -249,10 +250,10 @@ class Planned(FixedInterval):
 
     method = "planned"
 
-    def new_gate(self, steps: int, fill_cost: float, schedule: tuple = ()):
+    def new_gate(self, steps: int, fill_cost: float, schedule: tuple = (), compute_cost: float = 1.0):
         if self.budget is None or len(schedule) < 2:
-            return super().new_gate(steps, fill_cost, schedule)
-        return PlannedGate(self.budget, list(schedule), fill_cost)
+            return super().new_gate(steps, fill_cost, schedule, compute_cost)
+        return PlannedGate(self.budget, list(schedule), fill_cost, compute_cost)
 
 
 class _CountingState(PolicyState):
@@ -706,7 +707,7 @@ class SpeCa(Policy):
     def threshold_at(self, progress: float) -> float:
         return self.tolerance * self.decay ** progress
 
-    def new_gate(self, steps: int, fill_cost: float, schedule: tuple = ()):
+    def new_gate(self, steps: int, fill_cost: float, schedule: tuple = (), compute_cost: float = 1.0):
         return ThresholdGate(math.inf)  # draft whenever the engine does not force a compute
 
     def new_state(self):

@@ -310,9 +310,12 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
 
 
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, **kwargs):
-    """CFG-branch cache: on a filled step only the positive branch runs; the negative one is the positive
-    output plus the cached branch difference (cfg 1 has no negative branch: nothing to do). Only
-    evaluations the model computes count: where the feature cache fills, both branches are filled."""
+    """CFG-branch cache: the positive branch runs first; the negative one is the positive output plus the
+    cached branch difference (cfg 1 has no negative branch: nothing to do). Only evaluations the model
+    computes count toward the next refresh, and a refresh that is due waits for one (the negative then runs
+    too and the difference is renewed). Where the feature cache fills the positive branch, the negative is
+    that fill plus the difference: its own cache predates the positive's latest compute (which ran the
+    positive alone), so filling or computing it apart would pair a fresh branch with a stale one."""
     context: Optional[_RunContext] = model_options.get("transformer_options", {}).get(RUN_KEY)
     if context is None or len(conds) != 2 or not conds[0]:
         return executor(model, conds, x_in, timestep, model_options, **kwargs)
@@ -322,20 +325,19 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, **kw
         return executor(model, conds, x_in, timestep, model_options, **kwargs)
     run.prefer_reference((conds[0][0]["uuid"], 0))  # the positive branch's key, as _conditionings makes it
     sigma = timestep.reshape(-1, *([1] * (x_in.ndim - 1))).to(x_in.dtype)
-    if run.cfg.wants_both(x_in, sigma):
-        out = executor(model, conds, x_in, timestep, model_options, **kwargs)
-        if run.evaluation_computed():  # a difference of two feature-cache fills would refresh nothing
-            run.cfg.refreshed(out[0], out[1], sigma)
-        return out
+    if bool((sigma == 0).any()):  # the model site passes sigma 0 through uncached: so does this
+        return executor(model, conds, x_in, timestep, model_options, **kwargs)
+    wants_both = run.cfg.wants_both(x_in, sigma)
     out = executor(model, [conds[0], None], x_in, timestep, model_options, **kwargs)
-    total = len(conds[0]) + len(conds[1])
-    if not run.evaluation_computed():  # the feature cache fills this step: its fill of the negative branch is as cheap
+    computed = run.evaluation_computed()
+    if wants_both and (computed or not run.cfg.usable(x_in)):
         negative = executor(model, [None, conds[1]], x_in, timestep, model_options, **kwargs)[1]
-        if run.evaluation_computed():  # the negative's cache predates the positive's last compute: it ran alone
-            run.ran_for(len(conds[1]) / total)
+        if run.evaluation_computed():  # a difference of two feature-cache fills would refresh nothing
+            run.cfg.refreshed(out[0], negative, sigma)
         return [out[0], negative]
-    run.ran_for(len(conds[0]) / total)
-    return [out[0], run.cfg.fill(out[0], sigma)]
+    if computed:
+        run.ran_for(len(conds[0]) / (len(conds[0]) + len(conds[1])))
+    return [out[0], run.cfg.fill(out[0], sigma, computed)]
 
 
 def _block_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):

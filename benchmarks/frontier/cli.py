@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -57,6 +60,9 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int,
                         help="torch threads while each case runs (default: 1, torch's own with --workflow; more "
                              "only on a quiet machine: a pool wider than the free cores stalls at every op)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="fidelity cases run side by side in this many processes (default: 2, or 1 on one core); "
+                             "the speed slice runs alone after them")
     parser.add_argument("--repeats", type=int,
                         help="interleaved uncached/cached runs timed per setting (default: 1 with --quick, else the "
                              "case's: 2-3)")
@@ -71,6 +77,8 @@ def parse_args(argv):
         parser.error("--repeats must be at least 1")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     return args
 
 
@@ -101,6 +109,47 @@ def select_cases(host, args) -> tuple[list, dict]:
     if "slice" in wanted:
         cases.append(frontier_cases.slice_case(host, args.quick, args.slice_size))
     return cases, models.origin
+
+
+def _without_options(argv: list, names: set) -> list:
+    """argv without the named options and their values (`--name v1 v2` and `--name=v`)."""
+    kept, skipping = [], False
+    for token in argv:
+        if token.startswith("--"):
+            skipping = token.split("=", 1)[0] in names
+            if skipping and "=" in token:
+                skipping = False
+                continue
+        if not skipping:
+            kept.append(token)
+    return kept
+
+
+def run_in_workers(argv: list, case_ids: list, out: str, jobs: int) -> list:
+    """Each case in its own process of this command, `jobs` at a time, its lines printed as they come
+    (prefixed with the case); returns their records in case order. Outputs per case go to OUT/cases/ID/."""
+    base = [sys.executable, "-m", "benchmarks.frontier", *_without_options(argv, {"--cases", "--out", "--jobs"})]
+    print_lock = threading.Lock()
+
+    def run(case_id):
+        folder = os.path.join(out, "cases", case_id)
+        command = [*base, "--cases", case_id, "--out", folder, "--jobs", "1"]
+        tail = []
+        with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              bufsize=1) as worker:
+            for line in worker.stdout:
+                tail = (tail + [line])[-40:]
+                if line.startswith("  ") or line.startswith("tiny") or line.startswith("wrote"):
+                    with print_lock:
+                        print(f"[{case_id}] {line.rstrip()}", flush=True)
+        if worker.returncode != 0:
+            raise RuntimeError(f"the {case_id} case's process failed (exit {worker.returncode}): "
+                               f"{' '.join(command)}\n{''.join(tail)}")
+        with open(os.path.join(folder, "frontier.json")) as f:
+            return json.load(f)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        return [record for records in pool.map(run, case_ids) for record in records]
 
 
 def _ms(value) -> str:
@@ -151,15 +200,24 @@ def main(argv=None) -> int:
         print(f"  {record['method']} {setting_text(record['setting'])}: {detail}{took}", flush=True)
 
     records, speed_records = [], []
+    fidelity = [case.id for case in cases if not case.fixed_only]
+    # side by side in processes (fidelity is what they measure); the slice times speed alone, after them
+    parallel = args.jobs > 1 and len(fidelity) > 1 and not (args.workflow or args.peers)
+    command = sys.argv[1:] if argv is None else list(argv)
+    if parallel:
+        print(f"{len(fidelity)} cases in {min(args.jobs, len(fidelity))} processes", flush=True)
+        records += run_in_workers(command, fidelity, args.out, args.jobs)
     with SamplerClock() as clock:
         for case in cases:
+            if parallel and not case.fixed_only:
+                continue
             print(f"{case.model}: {case.name} ({len(case.graphs)} samples)", flush=True)
             if case.fixed_only:
                 speed_records += run_speed_case(host, case, slice_methods, clock, progress)
             else:
                 records += run_case(host, case, methods, clock, progress)
 
-    context = dict(command="python -m benchmarks.frontier " + " ".join(sys.argv[1:] if argv is None else argv),
+    context = dict(command="python -m benchmarks.frontier " + " ".join(command),
                    host=host_module.comfyui_path(), device="cuda" if torch.cuda.is_available() else "cpu",
                    seconds=time.perf_counter() - started, date=time.strftime("%Y-%m-%d %H:%M"), models=origins,
                    peers=peer_commits)

@@ -25,9 +25,23 @@ SLICE_SPEEDS = (0.5,)  # fixed interval 3
 COMFY_NODES = {"comfy:EasyCache": ("EasyCache", (0.01, 0.02, 0.05, 0.15)),
                "comfy:LazyCache": ("LazyCache", (0.05, 0.15, 0.4, 1.0))}
 QUICK_COMFY_THRESHOLDS = (0.2,)
-DEFAULT_METHODS = ("default", "fixed+reuse@model", "fixed+taylor2@model", "fixed+taylor2@blocks", "teacache+reuse@span",
-                   "teacache+taylor1@span", "teacache+taylor2@span", "first_block+reuse@span",
-                   "easycache+reuse@model", *COMFY_NODES)
+# The baseline every cache must beat: no cache, the sampler run with steps / divisor steps (same sampler,
+# scheduler and seed), measured against the full-step run like any method.
+FEWER_STEPS = "fewer_steps"
+FEWER_STEPS_DIVISORS = (2, 3, 5)
+QUICK_FEWER_STEPS_DIVISORS = (2,)
+STEPS_NODES = ("KSampler", "BasicScheduler")  # the host's nodes whose `steps` input sets the schedule
+# `make bench`: every method of ours at least once (each policy with its usual fill and site, each forecaster
+# under the default's policy, the token selections, the CFG-branch cache), the host's built-ins and the no-cache
+# baseline.
+DEFAULT_METHODS = ("default", "planned+reuse@model", "fixed+reuse@model", "fixed+taylor2@model",
+                   "fixed+taylor2@blocks", "teacache+reuse@span", "teacache+taylor1@span", "teacache+taylor2@span",
+                   "first_block+reuse@span", "easycache+reuse@model", "magcache+reuse@model", "dicache+taylor1@span",
+                   "foresight+reuse@blocks", "delta+reuse@blocks", "speca+taylor2@span",
+                   "planned+hicache@model", "planned+ab2@model", "planned+foca@model", "planned+spectrum@model",
+                   "planned+freqca@model", "planned+hyca@model", "planned+auto@model+cfg",
+                   "fixed+reuse@span+toca0.25", "fixed+reuse@span+clusca0.25", "fixed+reuse@span+duca0.25",
+                   *COMFY_NODES, FEWER_STEPS)
 # Every family on the slice: fixed schedules, each forecaster, token recompute, the adaptive policies, the
 # default. On random weights an adaptive policy's decisions mean nothing for fidelity; its speed against its own
 # realised compute fraction (efficiency) and the time its indicator costs do.
@@ -44,7 +58,8 @@ class Method:
     name: str
     settings: list  # dicts of inputs, one per point of the sweep
     rewrite: Callable  # (cached case graph, setting) -> graph to run
-    family: str  # "ours" (the run also reports its own compute fraction), "host" (built-in nodes) or "peer"
+    family: str  # "ours" (the run also reports its own compute fraction), "host" (built-in nodes), "peer" or
+    # "baseline" (no cache: fewer steps)
     case_settings: dict = dataclasses.field(default_factory=dict)  # case id -> settings, where --param is scoped
 
     @property
@@ -177,6 +192,22 @@ def failing_method(name: str, error: Exception, family: str = "ours") -> Method:
     return Method(name, [{}], rewrite, family)
 
 
+def fewer_steps_method(quick: bool) -> Method:
+    """No cache, fewer sampler steps: the graph without our nodes, every KSampler / BasicScheduler at
+    round(steps / divisor) steps (at least 1)."""
+    def rewrite(graph, setting):
+        graph = graphs.without_cache(graph)
+        nodes = [node for node in graph.values() if node["class_type"] in STEPS_NODES]
+        if not nodes:
+            raise ValueError(f"{FEWER_STEPS}: the graph has no {' or '.join(STEPS_NODES)} node whose steps it could lower")
+        for node in nodes:
+            node["inputs"]["steps"] = max(1, round(node["inputs"]["steps"] / setting["divisor"]))
+        return graph
+
+    divisors = QUICK_FEWER_STEPS_DIVISORS if quick else FEWER_STEPS_DIVISORS
+    return Method(FEWER_STEPS, [{"divisor": d} for d in divisors], rewrite, "baseline")
+
+
 def workflow_method_name(host, graph: dict) -> str:
     """The name of the cache configuration a workflow holds."""
     return names.name_of(host, graph, apply_id(graph))
@@ -273,6 +304,9 @@ def build_methods(host, method_names, quick: bool, sets: dict | None = None, par
     speeds = speeds or (QUICK_SPEEDS if quick else SPEEDS)
     methods = []
     for name in method_names:
+        if name == FEWER_STEPS:
+            methods.append(fewer_steps_method(quick))
+            continue
         if name in COMFY_NODES:
             class_type, thresholds = COMFY_NODES[name]
             thresholds = QUICK_COMFY_THRESHOLDS if quick else thresholds

@@ -107,3 +107,13 @@ def test_the_planned_gate_computes_the_budget(budget):
     steps = len(KARRAS) - 1
     computed = sum(gate.wants_compute(0.0, step) for step in range(steps))
     assert computed == (steps if budget == 1.0 else round(steps * budget))
+
+
+def test_cheaper_computes_buy_more_of_them():
+    """With the CFG-branch cache most computes run the positive branch alone (cfg_refresh 3: a compute costs
+    (1 + 0.5 + 0.5) / 3 of the model's work on average): the same budget buys 1.5 times the computes."""
+    steps = len(KARRAS) - 1
+    assert BudgetController(0.3, steps, compute_cost=2 / 3).compute_share == pytest.approx(0.45)
+    gate = PlannedGate(0.3, KARRAS, compute_cost=2 / 3)
+    assert sum(gate.wants_compute(0.0, step) for step in range(steps)) == round(steps * 0.45)
+    assert BudgetController(0.9, steps, compute_cost=0.5).compute_share == 1.0  # never above every evaluation

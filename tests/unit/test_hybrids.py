@@ -139,6 +139,12 @@ def test_cfg_fill_equals_the_real_negative_branch_when_the_difference_is_exact()
     assert cache.wants_both(x[:, :2], s1)  # another shape: the difference does not apply
 
 
+def test_the_cfg_branch_cache_makes_computes_cheaper_for_the_budget():
+    assert CacheRun(CacheConfig(site=Site("model")), ["model"], SIGMAS).compute_cost == 1.0
+    run = CacheRun(CacheConfig(site=Site("model"), cfg_refresh=3), ["model"], SIGMAS)
+    assert run.compute_cost == pytest.approx(2 / 3)  # one compute of three runs both branches
+
+
 def test_cfg_filled_evaluations_count_half_in_the_compute_fraction():
     config = CacheConfig(policy=FixedInterval(interval=1), site=Site("model"), cfg_refresh=2)
     run = CacheRun(config, ["model"], SIGMAS)
