@@ -139,7 +139,7 @@ def run_in_workers(argv: list, case_ids: list, out: str, jobs: int) -> list:
                               bufsize=1) as worker:
             for line in worker.stdout:
                 tail = (tail + [line])[-40:]
-                if line.startswith("  ") or line.startswith("tiny") or line.startswith("wrote"):
+                if line.strip() and not line.startswith(("|", "#", "WARNING")):  # progress, not its tables
                     with print_lock:
                         print(f"[{case_id}] {line.rstrip()}", flush=True)
         if worker.returncode != 0:
