@@ -31,8 +31,17 @@ def token_graph(graph, site="span", **tokens):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("selection", list(SELECTIONS))
 def test_every_selection_samples_and_computes_the_predicted_fraction(case, selection, paths, run_graph):
+    _samples_with_the_predicted_fraction(case, "span", selection, paths, run_graph)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_blocks_site_recomputes_tokens_block_by_block(case, paths, run_graph):
+    _samples_with_the_predicted_fraction(case, "blocks", "random", paths, run_graph)
+
+
+def _samples_with_the_predicted_fraction(case, site, selection, paths, run_graph):
     make, rows, tokens, text, text_run = CASES[case]
-    latent, report = run_graph(token_graph(make(paths), **SELECTIONS[selection]))
+    latent, report = run_graph(token_graph(make(paths), site=site, **SELECTIONS[selection]))
     assert torch.isfinite(latent).all()
     decisions = [e["decision"] for e in report["trace"]["evaluations"]]
     partial = [1, 4] if selection == "duca" else [1, 2, 4, 5]
