@@ -245,27 +245,26 @@ class BlockRunner:
         selection = self.call.selection
         tokens = self._tokens(kind, args).shape[1]
         cached = self._cached_attention(kind, index, text, tokens)
-        if index == segment.first:
-            text_rows = self._text_rows(kind, segment, text, tokens)
+        first = index == segment.first
+        text_rows = self._text_rows(kind, segment, text, tokens) if first else self.call.partial.text_rows
+        ran_text = text if text_rows is None else text_rows.numel()
+        ran_skip = ran_text if layout.text_in_stream else 0  # the text rows that ran ahead of the subset's tokens
+        if first:
             fill = self.run.fill((segment.key, layout.stream), args[layout.stream])
             token_fill = fill[:, skip:]
             correction = self.run.tokens.correction(segment.key, self.run.uuids, token_fill)
             if correction is not None:
                 token_fill += correction  # the fill is a fresh tensor: its token rows take the correction
             sub = gather(args, layout, streams, selection, text, all_keys=cached is not None, text_rows=text_rows)
-            ran_text = text if text_rows is None else text_rows.numel()
-            inputs = sub[layout.stream][:, ran_text if layout.text_in_stream else 0:].clone()
-            self.call.partial = _PartialSegment(token_fill, inputs, text_rows)
+            self.call.partial = _PartialSegment(token_fill, sub[layout.stream][:, ran_skip:].clone(), text_rows)
             out = {s: args[s] for s in streams}  # other streams come from the run at the segment's end
             out[layout.stream] = args[layout.stream] + fill
             if text_rows is not None and layout.text in streams:  # a text stream that does not run is filled
                 out[layout.text] = self.run.fill((segment.key, layout.text), args[layout.text]).add_(args[layout.text])
         else:
-            text_rows = self.call.partial.text_rows
             sub = gather(args, layout, streams, selection, text, self.call.partial.state, all_keys=cached is not None,
                          text_rows=text_rows)
             out = {s: args[s] for s in streams}
-        ran_text = text if text_rows is None else text_rows.numel()
         if cached is not None:
             sub = self.with_attention(sub, SelfAttention(layout.attention, self._keeper(kind, index), cached,
                                                          positions_of(selection, text, text_rows)))
@@ -273,7 +272,6 @@ class BlockRunner:
         self.call.partial.state = {s: sub_out[s] for s in streams}
         self.run.mark(g, PARTIAL, (ran_text + selection.numel()) / (text + tokens))  # rows run / rows of a full run
         if index == segment.last:  # rows that ran come from the run, the other rows keep their fill
-            ran_skip = ran_text if layout.text_in_stream else 0
             computed = sub_out[layout.stream][:, ran_skip:]
             change = self.run.tokens.update(segment.key, self.run.uuids, self.call.partial.fill, selection,
                                             computed - self.call.partial.inputs)
