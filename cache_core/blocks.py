@@ -58,9 +58,10 @@ class _Call:
 class _PartialSegment:
     """A partial segment in progress: the filled token residual, the subset's input rows and hidden states."""
 
-    def __init__(self, fill: torch.Tensor, inputs: torch.Tensor):
+    def __init__(self, fill: torch.Tensor, inputs: torch.Tensor, text_rows: Optional[torch.Tensor]):
         self.fill = fill
         self.inputs = inputs
+        self.text_rows = text_rows  # the text rows that run (None: every one)
         self.state: Optional[dict] = None
 
 
@@ -242,38 +243,58 @@ class BlockRunner:
         text = self._text_length(kind, args)
         skip = text if layout.text_in_stream else 0
         selection = self.call.selection
-        cached = self._cached_attention(kind, index, text, self._tokens(kind, args).shape[1])
-        if index == segment.first:
+        tokens = self._tokens(kind, args).shape[1]
+        cached = self._cached_attention(kind, index, text, tokens)
+        first = index == segment.first
+        text_rows = self._text_rows(kind, segment, text, tokens) if first else self.call.partial.text_rows
+        ran_text = text if text_rows is None else text_rows.numel()
+        ran_skip = ran_text if layout.text_in_stream else 0  # the text rows that ran ahead of the subset's tokens
+        if first:
             fill = self.run.fill((segment.key, layout.stream), args[layout.stream])
             token_fill = fill[:, skip:]
             correction = self.run.tokens.correction(segment.key, self.run.uuids, token_fill)
             if correction is not None:
                 token_fill += correction  # the fill is a fresh tensor: its token rows take the correction
-            sub = gather(args, layout, streams, selection, text, all_keys=cached is not None)
-            self.call.partial = _PartialSegment(token_fill, sub[layout.stream][:, skip:].clone())
+            sub = gather(args, layout, streams, selection, text, all_keys=cached is not None, text_rows=text_rows)
+            self.call.partial = _PartialSegment(token_fill, sub[layout.stream][:, ran_skip:].clone(), text_rows)
             out = {s: args[s] for s in streams}  # other streams come from the run at the segment's end
             out[layout.stream] = args[layout.stream] + fill
+            if text_rows is not None and layout.text in streams:  # a text stream that does not run is filled
+                out[layout.text] = self.run.fill((segment.key, layout.text), args[layout.text]).add_(args[layout.text])
         else:
-            sub = gather(args, layout, streams, selection, text, self.call.partial.state, all_keys=cached is not None)
+            sub = gather(args, layout, streams, selection, text, self.call.partial.state, all_keys=cached is not None,
+                         text_rows=text_rows)
             out = {s: args[s] for s in streams}
         if cached is not None:
             sub = self.with_attention(sub, SelfAttention(layout.attention, self._keeper(kind, index), cached,
-                                                         positions_of(selection, text)))
+                                                         positions_of(selection, text, text_rows)))
         sub_out = run_block(sub)
         self.call.partial.state = {s: sub_out[s] for s in streams}
-        tokens = self.call.partial.fill.shape[1]
-        self.run.mark(g, PARTIAL, (text + selection.numel()) / (text + tokens))  # rows run / rows of a full run
-        if index == segment.last:  # rows that ran come from the run, the other tokens keep their fill
-            computed = sub_out[layout.stream][:, skip:]
+        self.run.mark(g, PARTIAL, (ran_text + selection.numel()) / (text + tokens))  # rows run / rows of a full run
+        if index == segment.last:  # rows that ran come from the run, the other rows keep their fill
+            computed = sub_out[layout.stream][:, ran_skip:]
             change = self.run.tokens.update(segment.key, self.run.uuids, self.call.partial.fill, selection,
                                             computed - self.call.partial.inputs)
             rows = out[layout.stream][:, skip:]
             rows = (rows if change is None else rows + change).index_copy(1, selection, computed)
-            out = {s: sub_out[s] for s in streams}
-            out[layout.stream] = torch.cat([sub_out[layout.stream][:, :skip], rows], 1) if skip else rows
+            filled_text = text_rows is not None
+            text_part = (out if filled_text else sub_out)[layout.stream][:, :skip]
+            out = {s: out[s] if filled_text and s == layout.text else sub_out[s] for s in streams}
+            out[layout.stream] = torch.cat([text_part, rows], 1) if skip else rows
             self.run.account_tokens()
             self.call.partial = None
         return out
+
+    def _text_rows(self, kind: str, segment, text: int, tokens: int) -> Optional[torch.Tensor]:
+        """The text rows a partial segment runs: None (every one) unless the text is filled like the tokens that
+        are not recomputed, which needs every block of the segment to attend to kept keys and values (the
+        subset still sees the text there). Then none of a stream that holds text and tokens, and the first row
+        of a text stream of its own (a block cannot take an empty stream; that row's output is not used)."""
+        if (self.run.tokens.config.recompute_text or not text
+                or any(self._cached_attention(kind, i, text, tokens) is None
+                       for i in range(segment.first, segment.last + 1))):
+            return None
+        return torch.arange(0 if self.token_layouts[kind].text_in_stream else 1, device=self.call.selection.device)
 
     def _attends_cached(self, kind: str) -> bool:
         tokens = self.run.tokens

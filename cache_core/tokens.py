@@ -1,20 +1,26 @@
 """Token-level partial recompute (ToCa, DuCa, ClusCa): on a filled evaluation, recompute a subset of tokens.
 
 A partial evaluation fills every cached segment as usual (reuse or forecast), runs the segment's
-blocks one after the other on a subset of the image/video tokens (text tokens and everything else a
-block reads stay whole), and takes the rows that ran (the subset and the text) from that run; the
-other tokens keep their fill. At ratio 1 this is exactly a full compute. The recomputed rows are
-remembered as a per-token correction of the fill (fresh residual - forecast at that time), so later
-fills of those tokens start from the fresher value: with reuse the correction is exactly the fresh
-residual, with a forecaster the forecast's trend is kept on top of it. A full compute drops the
-corrections (they cost one token residual per segment and conditioning, counted in the cache bytes).
+blocks one after the other on a subset of the image/video tokens (everything else a block reads
+stays whole), and takes the rows that ran from that run; the other tokens keep their fill. The
+recomputed rows are remembered as a per-token correction of the fill (fresh residual - forecast at
+that time), so later fills of those tokens start from the fresher value: with reuse the correction is
+exactly the fresh residual, with a forecaster the forecast's trend is kept on top of it. A full
+compute drops the corrections (they cost one token residual per segment and conditioning, counted in
+the cache bytes).
 
 Attention mixes tokens. With `cached_attention` (and an adapter that says where a block's
 self-attention sees the positions), a computed evaluation keeps each cached block's self-attention
 keys and values (as the attention function receives them, after RoPE) and a partial evaluation lets
-the subset's queries attend to all of them, the rows that ran (the subset and the text) replaced by
-their fresh keys and values (which then stay in the cache). Without it the subset attends only to
-itself and the text (ToCa's approximation), which lost 4-5 dB against whole-step reuse on the tiny Flux.
+the subset's queries attend to all of them, the rows that ran replaced by their fresh keys and values
+(which then stay in the cache). Without it the subset attends only to itself and the text (ToCa's
+approximation), which lost 4-5 dB against whole-step reuse on the tiny Flux.
+
+Text rows (Flux's text tokens; Wan's text is cross-attention context, not rows): where the subset
+attends to the kept keys and values, the text is filled like the tokens that are not recomputed, so a
+partial block costs about `ratio` of a full one (a text stream of its own keeps one row: a block
+cannot take an empty stream). `recompute_text` runs every text row as well (ToCa's rule), and then
+ratio 1 is exactly a full compute; without kept keys and values the text always runs.
 
 Which rows to recompute (`selection`):
 - score (ToCa): relative change of the token's input since it was last computed, plus its cache age;
@@ -46,7 +52,8 @@ KMEANS_ITERATIONS = 8
 
 @dataclass(frozen=True)
 class TokenConfig:
-    """`ratio`: fraction of the image tokens recomputed on a partial evaluation; `clusters`/`gamma`: ClusCa."""
+    """`ratio`: fraction of the image tokens recomputed on a partial evaluation; `clusters`/`gamma`: ClusCa;
+    `recompute_text`: partial evaluations also run every text row (else it is filled where it can be)."""
 
     selection: str = SCORE
     ratio: float = 0.25
@@ -54,6 +61,7 @@ class TokenConfig:
     gamma: float = 1.0
     alternate: bool = False
     cached_attention: bool = True
+    recompute_text: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -77,7 +85,8 @@ class TokenConfig:
     @property
     def label(self) -> str:
         name = {SCORE: "toca", CLUSTER: "clusca", RANDOM: "random"}[self.selection]
-        return f"{'duca-' if self.alternate else ''}{name}{self.ratio:g}{'' if self.cached_attention else '-subset'}"
+        return (f"{'duca-' if self.alternate else ''}{name}{self.ratio:g}{'' if self.cached_attention else '-subset'}"
+                f"{'-text' if self.recompute_text else ''}")
 
 
 @dataclass(frozen=True)
@@ -135,24 +144,23 @@ def gather_rows(value: torch.Tensor, dims, positions: torch.Tensor, total: int, 
 
 
 def gather(args: dict, layout: TokenLayout, streams: tuple, index: torch.Tensor, text: int,
-           state: Optional[dict] = None, all_keys: bool = False) -> dict:
-    """A block's args for the token subset `index` (sorted, relative to the tokens). Streams come from
-    `state` (the subset's hidden states after the previous block of the segment) or from `args`;
-    other streams are copied whole (blocks may update them in place), untouched entries are shared.
+           state: Optional[dict] = None, all_keys: bool = False, text_rows: Optional[torch.Tensor] = None) -> dict:
+    """A block's args for the token subset `index` (sorted, relative to the tokens) and the text rows
+    `text_rows` (None: every text row). Streams come from `state` (the subset's hidden states after the
+    previous block of the segment) or from `args`; other streams are copied whole (blocks may update them
+    in place), untouched entries are shared.
     `all_keys`: the subset attends to every position's keys, so the tables' key dims stay whole."""
     sub = dict(args)
-    stream_prefix = text if layout.text_in_stream else 0
+    positions = positions_of(index, text, text_rows)
     for s in streams:
         if state is not None:
             sub[s] = state[s]
         elif s == layout.stream:
-            rows = index + stream_prefix
-            if stream_prefix:
-                rows = torch.cat([torch.arange(stream_prefix, device=index.device), rows])
-            sub[s] = args[s].index_select(1, rows)
+            sub[s] = args[s].index_select(1, positions if layout.text_in_stream else index)
+        elif s == layout.text and text_rows is not None:
+            sub[s] = args[s].index_select(1, text_rows)
         else:
             sub[s] = args[s].clone()
-    positions = positions_of(index, text)
     whole = set(layout.attention.key_rows) if all_keys and layout.attention is not None else set()
     for name, dims in layout.rows:
         dims = tuple(d for d in _dims(dims) if (name, d) not in whole)
@@ -162,9 +170,11 @@ def gather(args: dict, layout: TokenLayout, streams: tuple, index: torch.Tensor,
     return sub
 
 
-def positions_of(index: torch.Tensor, text: int) -> torch.Tensor:
-    """The positions (text first, then the tokens) that the token subset `index` runs."""
-    return torch.cat([torch.arange(text, device=index.device), index + text])
+def positions_of(index: torch.Tensor, text: int, text_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The positions (text first, then the tokens) that the token subset `index` and the text rows `text_rows`
+    (None: every text row) run."""
+    text_rows = torch.arange(text, device=index.device) if text_rows is None else text_rows.to(index.device)
+    return torch.cat([text_rows, index + text])
 
 
 class SelfAttention:

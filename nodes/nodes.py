@@ -196,14 +196,21 @@ class CacheTokenRatioNode(io.ComfyNode):
                                          "Apply Feature Cache's memory budget when one is set, else within half "
                                          "of the memory free on their device; the run's report shows it). "
                                          "Off: they attend only to each other and the text."),
+                io.Boolean.Input("recompute_text", default=False, optional=True,
+                                 tooltip="Partial evaluations also run every text token (Flux; Wan's text is not "
+                                         "recomputed per token), and ratio 1 is then exactly a full compute. Off: "
+                                         "with cached attention the text is filled like the tokens that are not "
+                                         "recomputed (the recomputed tokens attend to its kept keys and values), "
+                                         "so a partial evaluation costs about 'ratio' of a full one."),
             ],
             outputs=[CacheTokens.Output(display_name="tokens")],
         )
 
     @classmethod
-    def execute(cls, selection, ratio, clusters, gamma, alternate, cached_attention=True):
+    def execute(cls, selection, ratio, clusters, gamma, alternate, cached_attention=True, recompute_text=False):
         return io.NodeOutput(_build(TokenConfig, selection=selection, ratio=ratio, clusters=clusters, gamma=gamma,
-                                    alternate=alternate, cached_attention=cached_attention))
+                                    alternate=alternate, cached_attention=cached_attention,
+                                    recompute_text=recompute_text))
 
 
 class ApplyFeatureCacheNode(io.ComfyNode):

@@ -7,10 +7,13 @@ from benchmarks.graphs import GRAPHS, flux_graph, wan_graph, with_cache
 STEPS = 6
 INTERVAL = 3  # computed evaluations 0 and 3, the others filled
 # 64-pixel latents are 8x8: 16 image tokens per frame (2x2 patches); the label conditioning has 8 text tokens
-CASES = {  # (graph, rows of the trace, image tokens, text rows a partial block also runs)
-    "wan-image": (lambda paths: wan_graph(paths, steps=STEPS), 4, 16, 0),
-    "wan-video": (lambda paths: wan_graph(paths, steps=STEPS, frames=2), 4, 32, 0),
-    "flux-image": (lambda paths: flux_graph(paths, steps=STEPS), 6, 16, 8),
+# (graph, rows of the trace, image tokens, text tokens, text rows each cached block runs on a partial evaluation):
+# Wan's text is cross-attention context; Flux fills its text, its cached double block keeps one row of its own
+# text stream, its 4 single blocks (cat(txt, img)) none.
+CASES = {
+    "wan-image": (lambda paths: wan_graph(paths, steps=STEPS), 4, 16, 0, (0, 0, 0)),
+    "wan-video": (lambda paths: wan_graph(paths, steps=STEPS, frames=2), 4, 32, 0, (0, 0, 0)),
+    "flux-image": (lambda paths: flux_graph(paths, steps=STEPS), 6, 16, 8, (1, 0, 0, 0, 0)),
 }
 SELECTIONS = {"score": {}, "cluster": {"selection": "cluster", "clusters": 2}, "random": {"selection": "random"},
               "duca": {"selection": "random", "alternate": True}}
@@ -28,15 +31,24 @@ def token_graph(graph, site="span", **tokens):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("selection", list(SELECTIONS))
 def test_every_selection_samples_and_computes_the_predicted_fraction(case, selection, paths, run_graph):
-    make, rows, tokens, text = CASES[case]
-    latent, report = run_graph(token_graph(make(paths), **SELECTIONS[selection]))
+    _samples_with_the_predicted_fraction(case, "span", selection, paths, run_graph)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_blocks_site_recomputes_tokens_block_by_block(case, paths, run_graph):
+    _samples_with_the_predicted_fraction(case, "blocks", "random", paths, run_graph)
+
+
+def _samples_with_the_predicted_fraction(case, site, selection, paths, run_graph):
+    make, rows, tokens, text, text_run = CASES[case]
+    latent, report = run_graph(token_graph(make(paths), site=site, **SELECTIONS[selection]))
     assert torch.isfinite(latent).all()
     decisions = [e["decision"] for e in report["trace"]["evaluations"]]
     partial = [1, 4] if selection == "duca" else [1, 2, 4, 5]
     assert [i for i, d in enumerate(decisions) if d == "partial"] == partial
     assert [i for i, d in enumerate(decisions) if d == "computed"] == [0, 3]
-    cell = (text + round(0.25 * tokens)) / (text + tokens)  # rows a partial block runs / rows of a full run
-    work = 2 * rows + len(partial) * (1 + (rows - 1) * cell) + (STEPS - 2 - len(partial))  # probe always runs
+    cells = sum((t + round(0.25 * tokens)) / (text + tokens) for t in text_run)  # rows run / rows of a full run
+    work = 2 * rows + len(partial) * (1 + cells) + (STEPS - 2 - len(partial))  # the probe block always runs
     assert report["compute_fraction"] == pytest.approx(work / (STEPS * rows))
     assert report["cells"]["partial"] == len(partial) * (rows - 1)
 
@@ -44,9 +56,10 @@ def test_every_selection_samples_and_computes_the_predicted_fraction(case, selec
 @pytest.mark.parametrize("family", list(GRAPHS))
 @pytest.mark.parametrize("site", ["span", "blocks"])
 def test_ratio_one_is_bit_identical_to_the_uncached_graph(family, site, paths, run_graph):
-    """Every token gathered (with its rotary rows) and scattered back: exactly a full compute."""
+    """Every token and text row gathered (with its rotary rows) and scattered back: exactly a full compute."""
     plain, _ = run_graph(GRAPHS[family](paths, steps=STEPS))
-    latent, report = run_graph(token_graph(GRAPHS[family](paths, steps=STEPS), site=site, ratio=1.0))
+    latent, report = run_graph(token_graph(GRAPHS[family](paths, steps=STEPS), site=site, ratio=1.0,
+                                           recompute_text=True))
     assert report["evaluations_partial"] == 4
     assert report["attention_cache_bytes"] > 0  # the subset attended to the kept keys and values
     assert torch.equal(latent, plain)
@@ -119,6 +132,6 @@ def test_cached_attention_chains_the_users_attention_override_and_leaves_nothing
         assert cached.model_options["transformer_options"].get(integration.ATTENTION_OVERRIDE) is \
             model.model_options["transformer_options"].get(integration.ATTENTION_OVERRIDE)
     assert integration.ATTENTION_OVERRIDE not in base.model_options["transformer_options"]
-    assert (text + round(0.25 * tokens), text + tokens) in lengths  # a subset's queries, every position's keys
+    assert (round(0.25 * tokens), text + tokens) in lengths  # a subset's queries (text filled), every position's keys
     assert (text + tokens, text + tokens) in lengths  # whole blocks still reach the user's override
     assert torch.equal(outputs[True], outputs[False])  # the user's override only watched

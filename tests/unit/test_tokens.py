@@ -235,7 +235,7 @@ def _attending_runner(cfg, attention=True):
 def test_ratio_one_with_cached_attention_is_a_full_compute(site):
     model, (img, txt) = AttendingDiT(), _inputs()
     full_run, full = _attending_runner(CacheConfig(policy=FixedInterval(interval=1), site=Site(site, probe_blocks=1)))
-    run, partial = _attending_runner(config("random", ratio=1.0, site=site))
+    run, partial = _attending_runner(config("random", ratio=1.0, site=site, recompute_text=True))
     for sigma in SIGMAS[:4]:
         expected = model(img, txt, sigma, ["c", "u"], full)
         assert torch.equal(model(img, txt, sigma, ["c", "u"], partial), expected)
@@ -327,3 +327,21 @@ def test_without_a_budget_the_kept_keys_values_take_at_most_a_share_of_the_free_
     assert run.tokens.keys_values_bytes == 2 * per_block
     assert any("of the cpu memory free at the start" in note for note in run.report()["notes"])
     assert not torch.allclose(bounded, unbounded, atol=1e-3)
+
+
+def test_filled_text_runs_only_the_tokens_and_they_still_see_the_kept_text():
+    """With the text filled, the recomputed tokens attend to the text's kept keys and values: an evaluation whose
+    input equals the computed one's gives the computed output, though only the tokens (and one row of the double
+    blocks' own text stream, which a block needs) ran. Without kept keys and values the text runs whole."""
+    model, (img, txt) = AttendingDiT(), _inputs()
+    run, runner = _attending_runner(config("random", ratio=0.5, recompute_text=False))
+    computed = model(img, txt, SIGMAS[0], ["c", "u"], runner)
+    assert torch.allclose(model(img, txt, SIGMAS[0], ["c", "u"], runner), computed, atol=1e-5)
+    # TinyDiT at the span site: probe double block 0, cached double block 1 and single blocks 0-2; 3 text rows
+    assert run.trace.evaluations[1].actions == [COMPUTED, PARTIAL, PARTIAL, PARTIAL, PARTIAL]
+    assert run.trace.compute_fraction() == pytest.approx((5 + 1 + (1 + 3) / 9 + 3 * 3 / 9) / 10)
+    for recompute_text, attention in ((True, True), (False, False)):  # asked for, or nothing kept to attend to
+        run, runner = _attending_runner(config("random", ratio=0.5, recompute_text=recompute_text), attention)
+        model(img, txt, SIGMAS[0], ["c", "u"], runner)
+        model(img, txt, SIGMAS[0], ["c", "u"], runner)
+        assert run.trace.compute_fraction() == pytest.approx((5 + 1 + 4 * 6 / 9) / 10)
