@@ -125,6 +125,22 @@ def _without_options(argv: list, names: set) -> list:
     return kept
 
 
+def _params_for_case(argv: list, case_id: str) -> list:
+    """argv without the `--param` values scoped to other cases (this command checked them already)."""
+    kept, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--param" and i + 1 < len(argv):
+            tokens, value = argv[i:i + 2], argv[i + 1]
+        elif argv[i].startswith("--param="):
+            tokens, value = argv[i:i + 1], argv[i].split("=", 1)[1]
+        else:
+            tokens, value = argv[i:i + 1], None
+        if value is None or Param.parse(value).case in (None, case_id):
+            kept += tokens
+        i += len(tokens)
+    return kept
+
+
 def run_in_workers(argv: list, case_ids: list, out: str, jobs: int) -> list:
     """Each case in its own process of this command, `jobs` at a time, its lines printed as they come
     (prefixed with the case); returns their records in case order. Outputs per case go to OUT/cases/ID/."""
@@ -133,7 +149,7 @@ def run_in_workers(argv: list, case_ids: list, out: str, jobs: int) -> list:
 
     def run(case_id):
         folder = os.path.join(out, "cases", case_id)
-        command = [*base, "--cases", case_id, "--out", folder, "--jobs", "1"]
+        command = [*base[:3], *_params_for_case(base[3:], case_id), "--cases", case_id, "--out", folder, "--jobs", "1"]
         tail = []
         with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               bufsize=1) as worker:

@@ -207,7 +207,8 @@ def test_schedule_overrides_reach_every_sample(paths):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "nosuch+reuse@span"], "unknown method 'nosuch+reuse@span'. Available: default, fixed+reuse@model"),
+    (["--methods", "nosuch+reuse@span"], "unknown method 'nosuch+reuse@span'. Available: default, planned+reuse@model, "
+                                        "fixed+reuse@model"),
     (["--cases", "nosuch"], "unknown case(s) nosuch; available: wan-image"),
 ])
 def test_unknown_names_list_what_exists(host, tmp_path, argv, message):
