@@ -65,7 +65,7 @@ def parse_args(argv):
                              "the speed slice runs alone after them")
     parser.add_argument("--repeats", type=int,
                         help="interleaved uncached/cached runs timed per setting (default: 1 with --quick, else the "
-                             "case's: 2-3)")
+                             "case's: 1 for the tiny fidelity cases, 2 for the slice, 3 with --workflow)")
     args = parser.parse_args(argv)
     if bool(args.model_file) != bool(args.cond_file):
         parser.error("--model-file and --cond-file go together")
