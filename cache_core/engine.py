@@ -153,6 +153,7 @@ class CacheRun:
         self.guard_computes = 0
         self.overhead_s: dict = {}  # evaluation index -> wall seconds spent in our code (not in the model)
         self._model_s = 0.0
+        self.cfg_idle = False  # the CFG-branch cache found no negative branch from the run's start (cfg 1)
         self._reset_state()
 
     @property
@@ -166,7 +167,7 @@ class CacheRun:
         """Share of the model's work a computed evaluation does: with the CFG-branch cache only every
         cfg_refresh-th compute runs the negative branch (taken as half the batch, as cond and uncond are)."""
         refresh = self.config.cfg_refresh
-        return 1.0 if not refresh else (1.0 + (refresh - 1) * 0.5) / refresh
+        return 1.0 if not refresh or self.cfg_idle else (1.0 + (refresh - 1) * 0.5) / refresh
 
     @property
     def steps(self) -> int:
@@ -486,6 +487,10 @@ class CacheRun:
 
     def cfg_without_negative(self) -> None:
         """The CFG-branch cache saw a step with no negative branch (cfg 1): said once in the report."""
+        if not self.cfg_idle and not self.trace.evaluations:  # from the start: every compute is a whole evaluation
+            self.cfg_idle = True
+            self.gates = {}
+            self.gate = self._gate(None)
         message = "the CFG-branch cache has nothing to do at cfg 1 (no negative branch is computed)"
         if message not in self.notes:
             self._note(message)

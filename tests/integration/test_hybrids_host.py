@@ -94,6 +94,10 @@ def test_cfg_branch_cache_at_cfg_1_does_nothing_and_says_so(paths, run_graph):
                                           apply={"site": "model", "cfg_cache": True, "cfg_refresh": 2}))
     assert torch.equal(latent, reference)
     assert any("cfg 1" in note for note in report["notes"])
+    # with a budget, computes are whole evaluations there: planned computes round(6 x 0.32) = 2 of 6 steps
+    _, report = run_graph(with_cache(plain, policy={"method": "planned", "speed": 0.6},
+                                     apply={"site": "model", "cfg_cache": True, "cfg_refresh": 3}))
+    assert report["compute_fraction"] == pytest.approx(2 / STEPS)
 
 
 def test_per_block_policy_on_the_model_site_is_refused_before_sampling(paths, host):

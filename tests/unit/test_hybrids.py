@@ -143,6 +143,8 @@ def test_the_cfg_branch_cache_makes_computes_cheaper_for_the_budget():
     assert CacheRun(CacheConfig(site=Site("model")), ["model"], SIGMAS).compute_cost == 1.0
     run = CacheRun(CacheConfig(site=Site("model"), cfg_refresh=3), ["model"], SIGMAS)
     assert run.compute_cost == pytest.approx(2 / 3)  # one compute of three runs both branches
+    run.cfg_without_negative()  # cfg 1: every compute runs the whole (positive-only) batch
+    assert run.compute_cost == 1.0
 
 
 def test_cfg_filled_evaluations_count_half_in_the_compute_fraction():
