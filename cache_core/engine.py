@@ -153,7 +153,6 @@ class CacheRun:
         self.guard_computes = 0
         self.overhead_s: dict = {}  # evaluation index -> wall seconds spent in our code (not in the model)
         self._model_s = 0.0
-        self.cfg_idle = False  # the CFG-branch cache found no negative branch from the run's start (cfg 1)
         self._reset_state()
 
     @property
@@ -167,7 +166,7 @@ class CacheRun:
         """Share of the model's work a computed evaluation does: with the CFG-branch cache only every
         cfg_refresh-th compute runs the negative branch (taken as half the batch, as cond and uncond are)."""
         refresh = self.config.cfg_refresh
-        return 1.0 if not refresh or self.cfg_idle else (1.0 + (refresh - 1) * 0.5) / refresh
+        return 1.0 if self.cfg is None else (1.0 + (refresh - 1) * 0.5) / refresh
 
     @property
     def steps(self) -> int:
@@ -175,8 +174,7 @@ class CacheRun:
 
     def _reset_state(self):
         self.policy_states: dict = {}  # scope -> PolicyState (scope None: the evaluation-wide decision)
-        self.gates: dict = {}  # scope -> its gate (threshold or budget controller)
-        self.gate = self._gate(None)
+        self.gates: dict = {}  # scope -> its gate (threshold or budget controller), made at its first decision
         self.forecasters: dict = {}
         self.norm_bands: dict = {}  # (key, uuid) -> (min, max) norm of its computed values, 0-dim tensors
         self.prepared: dict = {}  # (key, uuid) -> the checked fill of the current call
@@ -283,6 +281,11 @@ class CacheRun:
     def policy_state(self):
         """The evaluation-wide policy state (per-segment policies keep one per segment)."""
         return self._state(None)
+
+    @property
+    def gate(self):
+        """The evaluation-wide gate (the budget the run was given)."""
+        return self._gate(None)
 
     def _gate(self, scope: Optional[Scope]):
         if scope not in self.gates:
@@ -486,11 +489,10 @@ class CacheRun:
         return bool(self.trace.evaluations) and self.trace.evaluations[-1].decision == COMPUTED
 
     def cfg_without_negative(self) -> None:
-        """The CFG-branch cache saw a step with no negative branch (cfg 1): said once in the report."""
-        if not self.cfg_idle and not self.trace.evaluations:  # from the start: every compute is a whole evaluation
-            self.cfg_idle = True
-            self.gates = {}
-            self.gate = self._gate(None)
+        """The CFG-branch cache saw a step with no negative branch (cfg 1): said once in the report. Before the
+        run's first decision it is turned off for the run, so the budget counts every compute whole."""
+        if not self.gates:
+            self.cfg = None
         message = "the CFG-branch cache has nothing to do at cfg 1 (no negative branch is computed)"
         if message not in self.notes:
             self._note(message)

@@ -317,7 +317,7 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, **kw
     that fill plus the difference: its own cache predates the positive's latest compute (which ran the
     positive alone), so filling or computing it apart would pair a fresh branch with a stale one."""
     context: Optional[_RunContext] = model_options.get("transformer_options", {}).get(RUN_KEY)
-    if context is None or len(conds) != 2 or not conds[0]:
+    if context is None or context.run.cfg is None or len(conds) != 2 or not conds[0]:
         return executor(model, conds, x_in, timestep, model_options, **kwargs)
     run = context.run
     if not conds[1]:

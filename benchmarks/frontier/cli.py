@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import json
 import os
@@ -111,50 +112,39 @@ def select_cases(host, args) -> tuple[list, dict]:
     return cases, models.origin
 
 
-def _without_options(argv: list, names: set) -> list:
-    """argv without the named options and their values (`--name v1 v2` and `--name=v`)."""
-    kept, skipping = [], False
+def worker_argv(argv: list, case_id: str, out: str) -> list:
+    """This command's argv for one case run in its own process: its own --cases, --out and --jobs, and only the
+    `--param` values scoped to no case or to it (this command checked every scope)."""
+    groups = []  # each option with its values, e.g. ["--cases", "a", "b"] or ["--out=x"]
     for token in argv:
-        if token.startswith("--"):
-            skipping = token.split("=", 1)[0] in names
-            if skipping and "=" in token:
-                skipping = False
-                continue
-        if not skipping:
-            kept.append(token)
-    return kept
-
-
-def _params_for_case(argv: list, case_id: str) -> list:
-    """argv without the `--param` values scoped to other cases (this command checked them already)."""
-    kept, i = [], 0
-    while i < len(argv):
-        if argv[i] == "--param" and i + 1 < len(argv):
-            tokens, value = argv[i:i + 2], argv[i + 1]
-        elif argv[i].startswith("--param="):
-            tokens, value = argv[i:i + 1], argv[i].split("=", 1)[1]
+        if token.startswith("--") or not groups:
+            groups.append([token])
         else:
-            tokens, value = argv[i:i + 1], None
-        if value is None or Param.parse(value).case in (None, case_id):
-            kept += tokens
-        i += len(tokens)
-    return kept
+            groups[-1].append(token)
+    kept = []
+    for group in groups:
+        name, _, inline = group[0].partition("=")
+        if name in ("--cases", "--out", "--jobs"):
+            continue
+        if name == "--param" and Param.parse(inline or group[1]).case not in (None, case_id):
+            continue
+        kept += group
+    return [*kept, "--cases", case_id, "--out", out, "--jobs", "1"]
 
 
 def run_in_workers(argv: list, case_ids: list, out: str, jobs: int) -> list:
     """Each case in its own process of this command, `jobs` at a time, its lines printed as they come
     (prefixed with the case); returns their records in case order. Outputs per case go to OUT/cases/ID/."""
-    base = [sys.executable, "-m", "benchmarks.frontier", *_without_options(argv, {"--cases", "--out", "--jobs"})]
     print_lock = threading.Lock()
 
     def run(case_id):
         folder = os.path.join(out, "cases", case_id)
-        command = [*base[:3], *_params_for_case(base[3:], case_id), "--cases", case_id, "--out", folder, "--jobs", "1"]
-        tail = []
+        command = [sys.executable, "-m", "benchmarks.frontier", *worker_argv(argv, case_id, folder)]
+        tail = collections.deque(maxlen=40)  # the last lines, for the error if it fails
         with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               bufsize=1) as worker:
             for line in worker.stdout:
-                tail = (tail + [line])[-40:]
+                tail.append(line)
                 if line.strip() and not line.startswith(("|", "#", "WARNING")):  # progress, not its tables
                     with print_lock:
                         print(f"[{case_id}] {line.rstrip()}", flush=True)
