@@ -78,6 +78,12 @@ class TokenConfig:
         """Tokens recomputed out of `tokens`."""
         return max(1, min(tokens, round(self.ratio * tokens)))
 
+    def check_tokens(self, tokens: int) -> None:
+        """Refuse, before sampling, ClusCa clusters that the latent's `tokens` image tokens cannot fill."""
+        if self.selection == CLUSTER and self.clusters > tokens:
+            raise ValueError(f"Cache Token Ratio: {self.clusters} clusters but the latent has only {tokens} image "
+                             f"tokens: set 'clusters' to at most {tokens} (or use a larger latent)")
+
     def clusters_for(self, tokens: int) -> int:
         """ClusCa's cluster count: every cluster gets a recomputed token, so at most the tokens recomputed."""
         return min(self.clusters, self.count(tokens))

@@ -181,8 +181,9 @@ class CacheTokenRatioNode(io.ComfyNode):
                 io.Float.Input("ratio", default=0.25, min=0.01, max=1.0, step=0.01,
                                tooltip="Fraction of the image tokens recomputed on a partial evaluation."),
                 io.Int.Input("clusters", default=16, min=1, max=256,
-                             tooltip="'cluster' selection: the number of k-means clusters; at most the number of "
-                                     "tokens recomputed (ratio x image tokens)."),
+                             tooltip="'cluster' selection: the number of k-means clusters; more than the latent's image "
+                                     "tokens is refused when sampling starts, more than the tokens recomputed "
+                                     "(ratio x image tokens) uses that many and says so."),
                 io.Float.Input("gamma", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="'cluster' selection: the other tokens of a cluster take gamma times the mean "
                                        "update of its recomputed tokens (0 = plain fill for them)."),

@@ -72,6 +72,12 @@ def test_more_clusters_than_recomputed_tokens_use_fewer_clusters_and_say_so(path
     assert any("4 clusters used" in note and "'clusters'" in note for note in report["notes"]), report["notes"]
 
 
+def test_more_clusters_than_image_tokens_are_refused_before_sampling(host, paths):
+    graph = token_graph(wan_graph(paths, steps=STEPS), selection="cluster", clusters=17)  # 16 image tokens
+    with pytest.raises(RuntimeError, match="17 clusters but the latent has only 16 image tokens.*'clusters' to at most 16"):
+        host.execute(graph)
+
+
 def test_the_model_site_with_tokens_says_to_choose_span_or_blocks(host, paths):
     graph = token_graph(wan_graph(paths, steps=2), site="model")
     with pytest.raises(RuntimeError, match="choose site 'span' or 'blocks'"):

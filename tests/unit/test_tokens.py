@@ -189,6 +189,13 @@ def test_cluster_count_is_at_most_the_tokens_recomputed():
     assert any("clusters used" in note for note in run.report()["notes"])
 
 
+def test_more_clusters_than_image_tokens_are_refused_and_other_selections_ignore_clusters():
+    with pytest.raises(ValueError, match="9 clusters but the latent has only 8 image tokens.*at most 8"):
+        TokenConfig(selection="cluster", clusters=9).check_tokens(8)
+    TokenConfig(selection="cluster", clusters=8).check_tokens(8)
+    TokenConfig(selection="score", clusters=9).check_tokens(8)
+
+
 # -- attention to cached keys and values -----------------------------------------------------------
 ATTENDING = {kind: dataclasses.replace(layout, attention=AttentionLayout(sequence_dim=1))
              for kind, layout in LAYOUTS.items()}
