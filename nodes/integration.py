@@ -159,7 +159,10 @@ def _outer_sample(executor, *args, **kwargs):
     if config.tokens is not None:
         grid = _image_token_grid(setup.adapter, guider.model_patcher.model.diffusion_model, args[0])
         if grid is not None:
-            config.tokens.check_tokens(grid.tokens)
+            try:
+                config.tokens.check_tokens(grid.tokens)
+            except ValueError as error:
+                raise ValueError(f"Feature cache: {error}") from None
     run = CacheRun(config, setup.rows, sigmas.tolist(), active)
     run.notes.extend(notes)
     options = comfy.model_patcher.create_model_options_clone(original_options)

@@ -304,10 +304,15 @@ def run_example(example, ctx) -> None:
             output = sample(patched.model, family, run, labels_path, _failure_callback(run) if run["failure"] else None)
         except (InjectedFailure, Exception) as error:
             import comfy.model_management
-            if not isinstance(error, (InjectedFailure, comfy.model_management.InterruptProcessingException)):
+            refused = _too_many_clusters(example, run)
+            if refused and isinstance(error, ValueError):  # refused before sampling, saying so
+                assert "clusters but the latent has only" in str(error), f"unclear error: {error}"
+            elif not isinstance(error, (InjectedFailure, comfy.model_management.InterruptProcessingException)):
                 raise
             failed = type(error).__name__
             del error
+        else:
+            assert not _too_many_clusters(example, run), "more ClusCa clusters than image tokens sampled"
         report = patched.handle.last
         calls = log.calls
         gc.collect()
@@ -336,6 +341,14 @@ def run_example(example, ctx) -> None:
                 again = sample(fresh, family, run, labels_path)
             assert torch.equal(output, again), "the output depends on what ran before (fresh patched model differs)"
         fresh_needed = False
+
+
+def _too_many_clusters(example, run) -> bool:
+    """Whether the run's latent has fewer image tokens (2x2 patches) than the example's ClusCa clusters."""
+    tokens = example.get("tokens")
+    if not tokens or tokens["selection"] != "cluster" or example["apply"].get("site") == "model":
+        return False
+    return tokens["clusters"] > run["frames"] * -(-run["height"] // 2) * -(-run["width"] // 2)
 
 
 def _indices(only: str) -> list:
