@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--text", type=int, default=512, help="text tokens (Wan 2.1 pads its prompt to 512)")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     host_module.boot(cpu=not torch.cuda.is_available())
     import comfy.ldm.wan.model as wan
