@@ -192,13 +192,17 @@ def to_ui(graph: dict, info: dict, notes: list | None = None, groups: list | Non
 SLIDERS_NOTE = """Feature cache: the model is computed only at some steps; the others are filled from a cache.
 
 Cache Policy - when to compute.
-  method: fixed interval, teacache, easycache, first_block (probe residual; needs probe_blocks >= 1).
+  method: default (the recommended one), fixed interval, planned, teacache, easycache, first_block, dicache,
+    magcache, foresight, delta, speca (hover the input for what each does; some need a block site).
   speed: 0 computes every step (identical output), 1 is the fastest. Start near 0.3-0.5 and raise it
     while the result still looks right.
   start_percent / end_percent: the part of the schedule where caching may happen.
   warmup_steps: first evaluations always computed. max_consecutive: at most this many filled in a row (0: no limit).
   threshold: -1 derives it from speed; set it to use the method's own threshold.
-Cache Forecaster - how a skipped step is filled: reuse (last value) or taylor (extrapolate along sigma, order 1-2).
+Cache Forecaster - how a skipped step is filled: reuse (last value), taylor, hicache, ab, foca, spectrum, freqca,
+  hyca (forecast along sigma), auto (picks per run).
+Cache Token Ratio (optional, span and blocks sites) - on filled steps a ratio of the image/video tokens is
+  recomputed and the rest filled: score (ToCa), cluster (ClusCa), random; alternate (DuCa).
 Apply Feature Cache - where: model (whole model, any architecture), span (blocks between the probe and corrector
   blocks as one residual), blocks (each block). cache_device cpu keeps caches in RAM; memory_budget_mb caps them.
 Cache Map - while sampling, Apply Feature Cache shows the step x block map live: hover a cell for its step, sigma,
@@ -209,6 +213,10 @@ Cache Map - while sampling, Apply Feature Cache shows the step x block map live:
 SHIPPED = {
     "flux_t2i_teacache_taylor": "Flux dev, block span: TeaCache + Taylor order 2.",
     "wan21_t2v_first_block": "Wan 2.1 T2V 1.3B video, block span: first-block (DBCache) probe.",
+    "wan21_t2v_tokens_clusca": "Wan 2.1 T2V 1.3B video, block span, fixed interval + reuse with token-level "
+                               "recompute (Cache Token Ratio, ClusCa: 10% of the video tokens recomputed on every "
+                               "filled step, their update shared within 16 clusters). Measured on the tiny models "
+                               "only (README: Token-level recompute).",
     "wan21_t2i_teacache": "Wan 2.1 as an image model (one frame), block span: TeaCache + Taylor 1.",
     "wan22_ti2v_5b_teacache": "Wan 2.2 TI2V 5B video, block span: TeaCache + Taylor 2.",
     "sd35_t2i_first_block": "SD3.5, block span: first-block (DBCache) probe + Taylor 1.",
