@@ -80,15 +80,19 @@ class Adapter:
         size = getattr(diffusion_model, self.patch_attribute)
         return tuple(size) if isinstance(size, (list, tuple)) else (size,) * len(self.patch)
 
-    def token_grid(self, kind: str, stream: str, latent_shape: Optional[tuple],
-                   patch: Optional[tuple] = None) -> Optional[TokenGrid]:
-        """The grid of the image tokens in `stream` of `kind` blocks, for a latent [B, C, *spatial]; None if none.
+    def latent_grid(self, latent_shape: Optional[tuple], patch: Optional[tuple] = None) -> Optional[TokenGrid]:
+        """The image-token grid of a latent [B, C, *spatial]; None where the patch or the latent is unknown.
 
         `patch`: the model's own (`patch_of`), where the family's varies."""
         patch = patch or self.patch
-        if not patch or latent_shape is None or stream not in self.kind(kind).image_streams:
+        if not patch or latent_shape is None:
             return None
         return TokenGrid(tuple(-(-n // p) for n, p in zip(latent_shape[2:], patch)))
+
+    def token_grid(self, kind: str, stream: str, latent_shape: Optional[tuple],
+                   patch: Optional[tuple] = None) -> Optional[TokenGrid]:
+        """The grid of the image tokens in `stream` of `kind` blocks (`latent_grid`); None if it holds none."""
+        return self.latent_grid(latent_shape, patch) if stream in self.kind(kind).image_streams else None
 
     def token_layouts(self) -> dict:
         """Per kind, where token-level recompute gathers its token subset; raises when a kind does not say."""

@@ -157,7 +157,8 @@ def _outer_sample(executor, *args, **kwargs):
     sampling = guider.model_patcher.model.model_sampling
     active = (sampling.percent_to_sigma(policy.start_percent), sampling.percent_to_sigma(policy.end_percent))
     if config.tokens is not None:
-        grid = _image_token_grid(setup.adapter, guider.model_patcher.model.diffusion_model, args[0])
+        adapter = setup.adapter
+        grid = adapter.latent_grid(tuple(args[0].shape), adapter.patch_of(guider.model_patcher.model.diffusion_model))
         if grid is not None:
             try:
                 config.tokens.check_tokens(grid.tokens)
@@ -190,12 +191,6 @@ def _outer_sample(executor, *args, **kwargs):
         log.info("FeatureCache %s: computed %d/%d evaluations, compute fraction %.3f (ideal speedup %.2fx), "
                  "peak cache %.1f MiB", report["method"], report["evaluations_computed"], report["evaluations"],
                  report["compute_fraction"], report["ideal_speedup"], report["peak_cache_bytes"] / 2**20)
-
-
-def _image_token_grid(adapter: Adapter, diffusion_model, noise: torch.Tensor):
-    """The grid of the image/video tokens that a latent like `noise` gives the adapter's first block kind."""
-    kind = adapter.kinds[0]
-    return adapter.token_grid(kind.name, kind.image_streams[0], tuple(noise.shape), adapter.patch_of(diffusion_model))
 
 
 class _RunContext:
