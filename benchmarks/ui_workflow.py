@@ -200,7 +200,7 @@ Cache Policy - when to compute.
   warmup_steps: first evaluations always computed. max_consecutive: at most this many filled in a row (0: no limit).
   threshold: -1 derives it from speed; set it to use the method's own threshold.
 Cache Forecaster - how a skipped step is filled: reuse (last value), taylor, hicache, ab, foca, spectrum, freqca,
-  hyca (forecast along sigma), auto (picks per run).
+  hyca (forecast along sigma), auto (back-tests the candidates at every computed step; the least recent error fills).
 Cache Token Ratio (optional, span and blocks sites) - on filled steps a ratio of the image/video tokens is
   recomputed and the rest filled: score (ToCa), cluster (ClusCa), random; alternate (DuCa).
 Apply Feature Cache - where: model (whole model, any architecture), span (blocks between the probe and corrector
